@@ -1,0 +1,866 @@
+"""data.py: real robot datasets in, windows of tensors out.
+
+Reads, without TensorFlow:
+  * RLDS as TFDS writes it (Open X-Embodiment, DROID, and what eval_sim.py collects from MetaWorld):
+    <dir>/<version>/{dataset_info.json, features.json, <name>-<split>.tfrecord-*}
+  * CALVIN: <root>/{training,validation}/episode_XXXXXXX.npz + ep_start_end_ids.npy + lang_annotations/
+
+Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
+  1. prepare(): one pass over the files maps every episode to the standard keys (7-d end-effector delta
+     action [dx, dy, dz, droll, dpitch, dyaw, gripper], gripper 1 = open / 0 = closed, as Octo does) and
+     caches numeric arrays, normalisation statistics and a pointer (shard, offset, length) to every JPEG.
+  2. Mixture (a map-style torch Dataset) cuts windows (history T, action chunk K, goal / future frames)
+     and decodes only the JPEGs it needs, with torchvision, in DataLoader workers. A seeded sampler makes
+     the order exact, the same on any number of ranks, and resumable at any step.
+
+    python data.py PATH            # summary: episodes, steps, keys, shapes, instructions, statistics
+    python data.py PATH --bench    # samples/s and decoded frames/s
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+CACHE_VERSION = 1  # bump when the cache layout or a mapping changes
+VIEWS = ("primary", "secondary", "wrist")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or key and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. TFRecord framing and the tf.train.Example wire format (specs/data_formats.md, section 4.2)
+
+def tfrecord_index(path):
+    """(offset, length) of every record's payload. Frame: u64 length, u32 crc, payload, u32 crc."""
+    index, pos, size = [], 0, os.path.getsize(path)
+    with open(path, "rb") as f:
+        while pos < size:
+            header = f.read(12)
+            if len(header) < 12:
+                raise DataError(f"{path}: truncated tfrecord header at byte {pos}")
+            (n,) = struct.unpack("<Q", header[:8])
+            if pos + 16 + n > size:
+                raise DataError(f"{path}: record at byte {pos} claims {n} bytes, past the end of the file")
+            index.append((pos + 12, n))
+            pos += 16 + n
+            f.seek(pos)
+    return index
+
+
+def _varint(buf, i):
+    result = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return result, i
+
+
+def _fields(buf, start, end):
+    """Protobuf fields in buf[start:end] as (field number, wire type, value); value is a (start, end)
+    span for length-delimited and fixed-width fields and an int for varints."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = (i, i + n), i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = (i, i + n), i + n
+        else:
+            raise DataError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, wire, value
+
+
+def _int64s(buf, start, end):
+    values = []
+    for _, wire, value in _fields(buf, start, end):
+        if wire == 2:  # packed varints
+            i, (s, e) = value[0], value
+            while i < e:
+                v, i = _varint(buf, i)
+                values.append(v)
+        else:
+            values.append(value)
+    return np.array([v - (1 << 64) if v >= 1 << 63 else v for v in values], dtype=np.int64)
+
+
+def _floats(buf, start, end):
+    parts = [np.frombuffer(buf[s:e], "<f4") for _, _, (s, e) in _fields(buf, start, end)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def parse_example(buf):
+    """tf.train.Example -> {key: ("bytes", [spans]) | ("float", array) | ("int64", array)}.
+    Example{1: Features{1: map<key, Feature{1: BytesList | 2: FloatList | 3: Int64List}>}}"""
+    out = {}
+    for _, _, (s0, e0) in _fields(buf, 0, len(buf)):
+        for _, _, (s1, e1) in _fields(buf, s0, e0):  # one map entry
+            key, feature = None, ("bytes", [])
+            for no, _, (s2, e2) in _fields(buf, s1, e1):
+                if no == 1:
+                    key = bytes(buf[s2:e2]).decode()
+                    continue
+                for kind, _, (s3, e3) in _fields(buf, s2, e2):
+                    if kind == 1:
+                        feature = ("bytes", [span for _, _, span in _fields(buf, s3, e3)])
+                    elif kind == 2:
+                        feature = ("float", _floats(buf, s3, e3))
+                    else:
+                        feature = ("int64", _int64s(buf, s3, e3))
+            out[key] = feature
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. features.json: which key holds what, per step or per episode
+
+@dataclass(frozen=True)
+class Feature:
+    kind: str  # "tensor" (numbers), "bytes" (image, text, string, zlib: kept encoded, as TFDS SkipDecoding)
+    shape: tuple
+    dtype: str
+    per_step: bool
+    encoding: str = "none"
+
+
+def read_features(rlds_dir):
+    """Flatten features.json into {"steps/observation/image": Feature, ...}."""
+    path = Path(rlds_dir) / "features.json"
+    try:
+        tree = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the TFDS feature spec ({e})") from e
+    out = {}
+
+    def walk(node, prefix, per_step):
+        cls = node["pythonClassName"].rsplit(".", 1)[-1]
+        if cls == "FeaturesDict":
+            for name, child in node["featuresDict"]["features"].items():
+                walk(child, f"{prefix}{name}/", per_step)
+        elif cls == "Dataset":
+            walk(node["sequence"]["feature"], prefix, True)
+        elif cls in ("Tensor", "Scalar", "ClassLabel", "Image", "Text"):
+            spec = node.get("tensor") or node.get("image") or {}
+            shape = tuple(int(d) for d in spec.get("shape", {}).get("dimensions", []))
+            dtype = {"Text": "string", "ClassLabel": "int64"}.get(cls, spec.get("dtype", "string"))
+            encoded = cls == "Image" or dtype == "string" or spec.get("encoding", "none") != "none"
+            out[prefix[:-1]] = Feature("bytes" if encoded else "tensor", shape, dtype, per_step,
+                                       spec.get("encoding", "none"))
+        else:
+            raise DataError(f"{path}: feature class {cls} at {prefix[:-1]} is not supported")
+
+    walk(tree, "", False)
+    return out
+
+
+def decode_feature(buf, parsed, key, feature):
+    """One key of a parsed episode as TFDS (SkipDecoding) returns it: bytes stay bytes, numbers get
+    their dtype back (float64 is stored as float32 on disk, bools and ints as int64)."""
+    if key not in parsed:
+        raise KeyError(key)
+    kind, payload = parsed[key]
+    if feature.kind == "bytes":
+        values = np.empty(len(payload), dtype=object)
+        values[:] = [bytes(buf[s:e]) for s, e in payload]
+        if not feature.per_step:
+            return values.reshape(feature.shape)[()] if values.size else b""
+        return values.reshape((-1, *feature.shape))
+    dtype = np.bool_ if feature.dtype == "bool" else np.dtype(feature.dtype)
+    values = np.asarray(payload).astype(dtype)
+    return values.reshape((-1, *feature.shape)) if feature.per_step else values.reshape(feature.shape)
+
+
+class Episode:
+    """One RLDS episode, decoded key by key on demand. ep["action/world_vector"] reads steps/..."""
+
+    def __init__(self, buf, parsed, features, where):
+        self.buf, self.parsed, self.features, self.where = buf, parsed, features, where
+
+    def __getitem__(self, key):
+        full = key if key.startswith(("steps/", "episode_metadata/")) else f"steps/{key}"
+        if full not in self.features:
+            raise DataError(f"{self.where}: no key '{full}'; the dataset has: {', '.join(sorted(self.features))}")
+        value = decode_feature(self.buf, self.parsed, full, self.features[full])
+        if self.features[full].encoding == "zlib":  # kuka's compressed tensors
+            shape, dtype = self.features[full].shape, np.dtype(self.features[full].dtype)
+            value = np.stack([np.frombuffer(zlib.decompress(b), dtype).reshape(shape) for b in value])
+        return value
+
+    def spans(self, key):
+        """(start, end) of each step's encoded bytes (an image) inside the record."""
+        if f"steps/{key}" not in self.parsed:
+            self[key]  # raises the DataError that lists the keys
+        return self.parsed[f"steps/{key}"][1]
+
+    def raw(self):
+        """Every key as TFDS returns it (the parity test compares this with TFDS, byte for byte)."""
+        return {k: decode_feature(self.buf, self.parsed, k, f) for k, f in self.features.items()}
+
+
+def rlds_shards(rlds_dir, split):
+    info = json.loads((Path(rlds_dir) / "dataset_info.json").read_text())
+    splits = {s["name"]: s for s in info.get("splits", [])}
+    if split not in splits:
+        raise DataError(f"{rlds_dir}/dataset_info.json: no split '{split}'; it has {sorted(splits)}")
+    shards = sorted(Path(rlds_dir).glob(f"{info['name']}-{split}.tfrecord-*"))
+    if not shards:
+        raise DataError(f"{rlds_dir}: no files {info['name']}-{split}.tfrecord-* for split '{split}'")
+    return info["name"], shards
+
+
+def rlds_episodes(rlds_dir, split="train"):
+    """Yield every episode of a split in file order (the order TFDS reads with shuffle_files=False)."""
+    features = read_features(rlds_dir)
+    _, shards = rlds_shards(rlds_dir, split)
+    for shard in shards:
+        with open(shard, "rb") as f:
+            for n, (offset, length) in enumerate(tfrecord_index(shard)):
+                f.seek(offset)
+                buf = f.read(length)
+                yield Episode(buf, parse_example(buf), features, f"{shard.name} episode {n}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. The standard keys: one mapping per known dataset (Octo's oxe_standardization_transforms)
+
+def rel2abs_gripper(rel):
+    """Relative gripper (+1 close, -1 open, 0 keep) -> absolute (1 open, 0 closed). Starts in the state
+    opposite to the first command, or open if there is none (Octo's rel2abs_gripper_actions)."""
+    cmd = np.where(rel < -0.1, 1, np.where(rel > 0.1, -1, 0))
+    nonzero = np.flatnonzero(cmd)
+    state = -cmd[nonzero[0]] if len(nonzero) else 1
+    out = np.empty(len(cmd), np.float32)
+    for t, c in enumerate(cmd):
+        state = c if c != 0 else state
+        out[t] = state / 2 + 0.5
+    return out
+
+
+def binarize_gripper(g):
+    """Continuous gripper (1 open) -> 0/1; in-between values take the next decided state (Octo)."""
+    out, carry = np.empty(len(g), np.float32), g[-1]
+    for t in range(len(g) - 1, -1, -1):
+        if g[t] > 0.95 or g[t] < 0.05:
+            carry = float(g[t] > 0.95)
+        out[t] = carry
+    return out
+
+
+def _wv_rd(ep, gripper):
+    """world_vector ++ rotation_delta ++ gripper, the RT-1 style dict action."""
+    return np.concatenate([ep["action/world_vector"], ep["action/rotation_delta"], gripper[:, None]], 1)
+
+
+def _bridge_action(ep):
+    # Octo's bridge_dataset_transform: binarise the gripper, then relabel the motion with the reached
+    # state: a_t = state_{t+1} - state_t; the last step has no successor and is dropped (trim below).
+    state, action = ep["observation/state"], ep["action"]
+    moved = np.concatenate([state[1:, :6] - state[:-1, :6], np.full((1, 6), np.nan, np.float32)])
+    return np.concatenate([moved, binarize_gripper(action[:, 6])[:, None]], 1)
+
+
+def _bridge_oxe_action(ep):  # the OXE bucket copy "bridge" had a dict action in older snapshots
+    if "steps/action/world_vector" in ep.features:
+        return _wv_rd(ep, ep["action/open_gripper"].astype(np.float32))
+    return _bridge_action(ep)
+
+
+def _language_table_text(ep):  # int32[512] unicode code points, NUL-padded
+    codes = ep["observation/instruction"][0]
+    return "".join(map(chr, codes[: np.argmax(codes == 0) if (codes == 0).any() else len(codes)]))
+
+
+def _droid_text(ep):  # three annotations per episode, any may be empty: take the first one given
+    texts = [ep[f"language_instruction{s}"][0].decode() for s in ("", "_2", "_3")]
+    return next((t for t in texts if t), "")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """How one dataset's keys (relative to steps/) become the standard keys."""
+    primary: str | None
+    action: Callable  # Episode -> (T, 7) float
+    state: tuple = ()
+    wrist: str | None = None
+    secondary: str | None = None
+    instruction: str | Callable | None = None
+    embedding: str | None = None
+    trim_end: int = 0  # steps dropped at the end (actions relabelled from the next state)
+
+
+_RT1 = dict(instruction="observation/natural_language_instruction",
+            embedding="observation/natural_language_embedding")
+STANDARD = {
+    "fractal20220817_data": Mapping(
+        "observation/image", lambda ep: _wv_rd(ep, rel2abs_gripper(ep["action/gripper_closedness_action"][:, 0])),
+        state=("observation/base_pose_tool_reached", "observation/gripper_closed"), **_RT1),
+    "kuka": Mapping(
+        "observation/image", lambda ep: _wv_rd(ep, rel2abs_gripper(ep["action/gripper_closedness_action"][:, 0])),
+        state=("observation/clip_function_input/base_pose_tool_reached", "observation/gripper_closed"), **_RT1),
+    "bridge_dataset": Mapping(
+        "observation/image_0", _bridge_action, state=("observation/state",), secondary="observation/image_1",
+        instruction="language_instruction", embedding="language_embedding", trim_end=1),
+    "bridge": Mapping(
+        "observation/image_0", _bridge_oxe_action, state=("observation/state",), secondary="observation/image_1",
+        instruction="language_instruction", embedding="language_embedding", trim_end=1),
+    "taco_play": Mapping(
+        "observation/rgb_static", lambda ep: np.concatenate([ep["action/rel_actions_world"][:, :6],
+                                                             np.clip(ep["action/rel_actions_world"][:, 6:], 0, 1)], 1),
+        state=("observation/robot_obs",), wrist="observation/rgb_gripper", **_RT1),
+    "jaco_play": Mapping(
+        "observation/image", lambda ep: np.concatenate([
+            ep["action/world_vector"], np.zeros_like(ep["action/world_vector"]),
+            rel2abs_gripper(ep["action/gripper_closedness_action"][:, 0])[:, None]], 1),
+        state=("observation/end_effector_cartesian_pos",), wrist="observation/image_wrist", **_RT1),
+    "berkeley_cable_routing": Mapping(
+        "observation/image", lambda ep: _wv_rd(ep, np.zeros(len(ep["action/world_vector"]), np.float32)),
+        state=("observation/robot_state",), wrist="observation/wrist45_image", secondary="observation/top_image",
+        instruction="observation/natural_language_instruction"),
+    "roboturk": Mapping(
+        "observation/front_rgb", lambda ep: _wv_rd(ep, 1 - np.clip(ep["action/gripper_closedness_action"][:, 0], 0, 1)),
+        instruction="observation/natural_language_instruction"),
+    "viola": Mapping(
+        "observation/agentview_rgb", lambda ep: _wv_rd(ep, 1 - np.clip(ep["action/gripper_closedness_action"][:, 0], 0, 1)),
+        state=("observation/joint_states", "observation/gripper_states"), wrist="observation/eye_in_hand_rgb",
+        instruction="observation/natural_language_instruction"),
+    "berkeley_autolab_ur5": Mapping(
+        "observation/image", lambda ep: _wv_rd(ep, rel2abs_gripper(ep["action/gripper_closedness_action"].reshape(-1))),
+        state=("observation/robot_state",), wrist="observation/hand_image", **_RT1),
+    "toto": Mapping(
+        "observation/image", lambda ep: _wv_rd(ep, ep["action/open_gripper"].reshape(-1).astype(np.float32)),
+        state=("observation/state",), instruction="observation/natural_language_instruction"),
+    "language_table": Mapping(
+        "observation/rgb", lambda ep: np.concatenate([ep["action"], np.zeros((len(ep["action"]), 4), np.float32),
+                                                      np.ones((len(ep["action"]), 1), np.float32)], 1),
+        state=("observation/effector_translation",), instruction=_language_table_text),
+    # DROID (droid, droid_100; internal name r2d2_faceblur): `action` holds the absolute commanded pose, so
+    # the delta action is rebuilt from action_dict as OpenVLA's droid_baseact_transform does.
+    "r2d2_faceblur": Mapping(
+        "observation/exterior_image_1_left", lambda ep: np.concatenate([
+            ep["action_dict/cartesian_velocity"], 1 - ep["action_dict/gripper_position"]], 1),
+        state=("observation/cartesian_position", "observation/gripper_position"),
+        secondary="observation/exterior_image_2_left", wrist="observation/wrist_image_left", instruction=_droid_text),
+    # MetaWorld as eval_sim.py collects it: action [dx, dy, dz, grab effort (+1 close)] -> standard 7-d.
+    "metaworld": Mapping(
+        "observation/image", lambda ep: np.concatenate([
+            ep["action"][:, :3], np.zeros((len(ep["action"]), 3), np.float32), (1 - ep["action"][:, 3:]) / 2], 1),
+        state=("observation/state",), wrist="observation/wrist_image", instruction="language_instruction"),
+}
+STANDARD["droid"] = STANDARD["r2d2_faceblur"]
+STANDARD["fractal_20220817_data"] = STANDARD["fractal20220817_data"]
+KEY_FLAGS = ("image_key", "wrist_key", "state_key", "action_key", "instruction_key")
+
+
+def mapping_for(name, features, keys=None):
+    """The table's mapping, or one built from --image_key/--state_key/--action_key/... flags."""
+    keys = {k: v for k, v in (keys or {}).items() if v}
+    if not keys and name in STANDARD:
+        return STANDARD[name]
+    if "image_key" in keys and "action_key" in keys:
+        act = keys["action_key"]
+        return Mapping(keys["image_key"], lambda ep: ep[act].reshape(len(ep[act]), -1).astype(np.float32),
+                       state=tuple(keys.get("state_key", "").split("+")) if keys.get("state_key") else (),
+                       wrist=keys.get("wrist_key"), instruction=keys.get("instruction_key"))
+    obs = sorted(k[len("steps/"):] for k in features if k.startswith("steps/observation/"))
+    act = sorted(k[len("steps/"):] for k in features if k.startswith("steps/action"))
+    raise DataError(
+        f"dataset '{name}' is not in data.STANDARD (known: {', '.join(sorted(STANDARD))}).\n"
+        f"  observation keys: {', '.join(obs)}\n  action keys: {', '.join(act)}\n"
+        f"Map it with --image_key KEY --action_key KEY [--wrist_key KEY] [--state_key KEY[+KEY]] "
+        f"[--instruction_key KEY] (keys relative to steps/; the action is then used as stored).")
+
+
+def _text(ep, spec):
+    if spec is None:
+        return ""
+    if callable(spec):
+        return spec(ep)
+    value = ep[spec][0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def standardize(ep, m, where):
+    """Episode -> dict of standard numpy arrays + image pointers, checked for the usual corruptions."""
+    T = len(ep["is_first"]) if "steps/is_first" in ep.features else None
+    action = np.asarray(m.action(ep), np.float32)
+    T = len(action) if T is None else T
+    if T == 0:
+        raise DataError(f"{where}: empty episode (0 steps); expected at least one step")
+    states = [ep[k].reshape(T, -1).astype(np.float32) for k in m.state]
+    state = np.concatenate(states, 1) if states else np.zeros((T, 0), np.float32)
+    keep = T - m.trim_end
+    out = {"state": state[:keep], "action": action[:keep], "instruction": _text(ep, m.instruction),
+           "embedding": ep[m.embedding][0].astype(np.float32) if m.embedding else None}
+    for name, arr in (("action", out["action"]), ("state", out["state"])):
+        bad = np.argwhere(~np.isfinite(arr))
+        if len(bad):
+            raise DataError(f"{where}: {name} is not finite at step {bad[0][0]} (dim {bad[0][1]}); "
+                            f"expected finite numbers")
+    for view in VIEWS:
+        key = getattr(m, view)
+        if key is not None:
+            out[view] = np.array(ep.spans(key)[:keep], np.int64).reshape(-1, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. prepare: one pass over the files, cached beside nothing (the data may be read-only)
+
+def cache_root():
+    return Path(os.environ.get("NANOROBOT_CACHE", Path.home() / ".cache" / "nanorobot"))
+
+
+def detect(path):
+    """('rlds', version dir) or ('calvin', split root) for a path, or a clear error."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory (expected an RLDS dataset or a CALVIN folder)")
+    if (p / "dataset_info.json").exists():
+        return "rlds", p
+    versions = sorted((d for d in p.iterdir() if (d / "dataset_info.json").exists()),
+                      key=lambda d: [int(x) if x.isdigit() else x for x in d.name.split(".")])
+    if versions:
+        return "rlds", versions[-1]
+    if (p / "ep_start_end_ids.npy").exists() or (p / "training").is_dir() or (p / "validation").is_dir():
+        return "calvin", p
+    raise DataError(f"{p}: no known format. Expected RLDS (dataset_info.json + features.json + *.tfrecord-*, "
+                    f"in this folder or a version folder below it) or CALVIN (training/ or validation/ with "
+                    f"episode_XXXXXXX.npz and ep_start_end_ids.npy)")
+
+
+def _prepare_shard(args):
+    rlds_dir, shard, shard_id, name, keys = args
+    features = read_features(rlds_dir)
+    m = mapping_for(name, features, keys)
+    episodes = []
+    with open(shard, "rb") as f:
+        for n, (offset, length) in enumerate(tfrecord_index(shard)):
+            f.seek(offset)
+            buf = f.read(length)
+            where = f"{shard} (episode {n})"
+            std = standardize(Episode(buf, parse_example(buf), features, where), m, where)
+            for view in VIEWS:  # spans inside the record -> (shard, offset in file, length)
+                if view in std:
+                    s = std[view]
+                    std[view] = np.stack([np.full(len(s), shard_id), offset + s[:, 0], s[:, 1] - s[:, 0]], 1)
+            episodes.append(std)
+    return episodes
+
+
+def _calvin_episodes(root, split, all_frames):
+    folder = Path(root) / {"train": "training", "val": "validation"}.get(split, split)
+    if not (folder / "ep_start_end_ids.npy").exists():
+        folder = Path(root) if (Path(root) / "ep_start_end_ids.npy").exists() else folder
+    ids = folder / "ep_start_end_ids.npy"
+    if not ids.exists():
+        raise DataError(f"{ids}: missing (CALVIN needs ep_start_end_ids.npy in {folder})")
+    if all_frames:
+        segments = [(int(s), int(e), "", None) for s, e in np.load(ids)]
+    else:
+        ann_path = folder / "lang_annotations" / "auto_lang_ann.npy"
+        if not ann_path.exists():
+            raise DataError(f"{ann_path}: missing (CALVIN's language annotations; use all frames instead)")
+        ann = np.load(ann_path, allow_pickle=True).item()
+        emb = np.asarray(ann["language"]["emb"], np.float32).reshape(len(ann["info"]["indx"]), -1)
+        segments = [(int(s), int(e), text, emb[i])
+                    for i, ((s, e), text) in enumerate(zip(ann["info"]["indx"], ann["language"]["ann"]))]
+    episodes = []
+    for start, end, text, embedding in segments:
+        frames = np.arange(start, end + 1)
+        rows = []
+        for i in frames:
+            f = folder / f"episode_{i:07d}.npz"
+            try:
+                with np.load(f) as z:
+                    rows.append((z["rel_actions"], z["robot_obs"]))
+            except (OSError, KeyError, ValueError) as e:
+                raise DataError(f"{f}: cannot read rel_actions/robot_obs ({e})") from e
+        rel, obs = (np.stack(x).astype(np.float32) for x in zip(*rows))
+        # CALVIN's gripper is -1 close / +1 open -> 0 closed / 1 open
+        action = np.concatenate([rel[:, :6], (rel[:, 6:] + 1) / 2], 1)
+        if not np.isfinite(action).all():
+            raise DataError(f"{folder}: rel_actions not finite in frames {start}..{end}")
+        episodes.append({"state": obs, "action": action, "instruction": text, "embedding": embedding,
+                         "primary": frames, "wrist": frames})
+    return folder, episodes
+
+
+def _fingerprint(files, *extra):
+    h = hashlib.sha1(repr((CACHE_VERSION, extra)).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def statistics(x):
+    """mean, std, min, max, q01, q99 per dimension, as lists (json- and checkpoint-friendly)."""
+    x = np.asarray(x, np.float64)
+    if len(x) == 0 or x.shape[1] == 0:
+        return {k: [0.0] * x.shape[1] for k in ("mean", "std", "min", "max", "q01", "q99")}
+    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "min": x.min(0).tolist(),
+            "max": x.max(0).tolist(), "q01": np.quantile(x, 0.01, 0).tolist(),
+            "q99": np.quantile(x, 0.99, 0).tolist()}
+
+
+def prepare(path, split="train", keys=None, calvin_all_frames=False, workers=None):
+    """Index a source once; return its cache folder. Safe to run on many ranks at once: each writes a
+    temporary folder and the first to rename it into place wins."""
+    fmt, root = detect(path)
+    if fmt == "rlds":
+        name, shards = rlds_shards(root, split)
+        files = [root / "features.json", *shards]
+    else:
+        name, shards = "calvin", []
+        folder = root / {"train": "training", "val": "validation"}.get(split, split)
+        files = sorted(Path(folder if folder.is_dir() else root).glob("*.npy"))
+    key = _fingerprint(files, str(root.resolve()), split, sorted((keys or {}).items()), calvin_all_frames)
+    out = cache_root() / f"{name}-{split}-{key}"
+    if (out / "meta.json").exists():
+        return out
+    t0 = time.time()
+    if fmt == "rlds":
+        jobs = [(str(root), str(s), i, name, keys) for i, s in enumerate(shards)]
+        workers = min(len(jobs), workers or os.cpu_count() or 1)
+        if workers > 1:
+            with get_context("fork").Pool(workers) as pool:
+                episodes = [e for part in pool.imap(_prepare_shard, jobs) for e in part]
+        else:
+            episodes = [e for job in jobs for e in _prepare_shard(job)]
+        source = {"format": "rlds", "files": [str(s) for s in shards]}
+    else:
+        folder, episodes = _calvin_episodes(root, split, calvin_all_frames)
+        source = {"format": "calvin", "folder": str(folder)}
+    episodes = [e for e in episodes if len(e["action"])]
+    if not episodes:
+        raise DataError(f"{root}: split '{split}' has no usable episodes")
+    _write_cache(out, name, source, episodes, time.time() - t0)
+    return out
+
+
+def _write_cache(out, name, source, episodes, seconds):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    lengths = np.array([len(e["action"]) for e in episodes])
+    state = np.concatenate([e["state"] for e in episodes])
+    action = np.concatenate([e["action"] for e in episodes])
+    np.save(tmp / "state.npy", state)
+    np.save(tmp / "action.npy", action)
+    np.save(tmp / "episode_start.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    views = [v for v in VIEWS if v in episodes[0]]
+    for v in views:
+        np.save(tmp / f"image_{v}.npy", np.concatenate([e[v] for e in episodes]))
+    instructions = sorted({e["instruction"] for e in episodes})
+    np.save(tmp / "instruction.npy", np.array([instructions.index(e["instruction"]) for e in episodes]))
+    if all(e["embedding"] is not None for e in episodes):
+        np.save(tmp / "embedding.npy", np.stack([e["embedding"] for e in episodes]))
+    stats = {"name": name, "num_episodes": len(episodes), "num_steps": int(lengths.sum()),
+             "state": statistics(state), "action": statistics(action)}
+    meta = {"name": name, "source": source, "views": views, "instructions": instructions,
+            "stats": stats, "prepare_seconds": round(seconds, 2)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        tmp.rename(out)
+    except OSError:  # another rank finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. A prepared source: random access to steps and images
+
+class Source:
+    def __init__(self, cache):
+        self.cache = Path(cache)
+        self.meta = json.loads((self.cache / "meta.json").read_text())
+        self.name, self.stats, self.views = self.meta["name"], self.meta["stats"], self.meta["views"]
+        self.instructions = self.meta["instructions"]
+        load = lambda n: np.load(self.cache / f"{n}.npy", mmap_mode="r")
+        self.state, self.action, self.start = load("state"), load("action"), np.load(self.cache / "episode_start.npy")
+        self.instruction = np.load(self.cache / "instruction.npy")
+        self.embedding = load("embedding") if (self.cache / "embedding.npy").exists() else None
+        self.pointers = {v: load(f"image_{v}") for v in self.views}
+        self._files = {}
+
+    def __len__(self):
+        return int(self.start[-1])
+
+    def locate(self, i):
+        """Global step index -> (episode, step in episode, episode length)."""
+        e = int(np.searchsorted(self.start, i, side="right")) - 1
+        return e, i - int(self.start[e]), int(self.start[e + 1] - self.start[e])
+
+    def image(self, view, i):
+        """Decoded frame i of a view: uint8 (3, H, W)."""
+        ptr = self.pointers[view][i]
+        if self.meta["source"]["format"] == "calvin":
+            f = Path(self.meta["source"]["folder"]) / f"episode_{int(ptr):07d}.npz"
+            with np.load(f) as z:
+                return torch.from_numpy(np.ascontiguousarray(z[f"rgb_{'static' if view == 'primary' else 'gripper'}"]))\
+                    .permute(2, 0, 1)
+        shard, offset, length = (int(x) for x in ptr)
+        key = (os.getpid(), shard)  # one descriptor per worker process and shard; pread needs no seek
+        if key not in self._files:
+            self._files[key] = os.open(self.meta["source"]["files"][shard], os.O_RDONLY)
+        data = os.pread(self._files[key], length, offset)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Windows: the standard training sample (DESIGN.md)
+
+class Mixture(torch.utils.data.Dataset):
+    """Windows over one or more sources. An item is (source id, step index, stream position), as the
+    Sampler below yields them; the position seeds the sample's own randomness (goal choice).
+
+    A sample (B is added by the DataLoader):
+      image_<view>  uint8 (T, 3, H, W)  history t-T+1..t; before the episode start the first frame repeats
+      obs_pad       bool  (T,)          True where the history reaches before the episode start
+      state         float32 (T, S)      (zero-padded to the largest S in the mixture)
+      action        float32 (T, K, A)   for every history step the next K actions; past the end the last
+      action_pad    bool  (T, K)        action repeats and action_pad is True
+      instruction   str; language_embedding float32 (D,) when every source has one
+      goal_image_primary   uint8 (3, H, W)     if goal_last: uniform among the last goal_last frames, never before t
+      future_image_primary uint8 (T, 3, H, W)  if future: frame t + future per history step (clamped to the end)
+      future_pad    bool (T,)           True where t + future is past the episode end
+      dataset_id, episode, step   int
+    """
+
+    def __init__(self, sources, weights=None, history=1, chunk=1, image_size=224, views=("primary",),
+                 goal_last=0, future=0, seed=0):
+        self.sources = sources
+        for s in sources:
+            missing = [v for v in views if v not in s.views]
+            if missing:
+                raise DataError(f"{s.name}: no {missing} camera; it has {s.views} (views asked: {list(views)})")
+        sizes = np.array([len(s) for s in sources], np.float64)
+        w = sizes if weights is None else np.asarray(weights, np.float64)
+        if len(w) != len(sources) or (w < 0).any() or w.sum() <= 0:
+            raise DataError(f"mixture weights {list(w)} must be {len(sources)} non-negative numbers, not all 0")
+        self.weights = (w / w.sum()).tolist()
+        self.history, self.chunk, self.views, self.goal_last, self.future = history, chunk, views, goal_last, future
+        self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.seed = seed
+        self.state_dim = max(s.state.shape[1] for s in sources)
+        self.action_dim = max(s.action.shape[1] for s in sources)
+        self.stats = [dict(s.stats, dataset_id=i) for i, s in enumerate(sources)]
+        self.instructions = sorted({t for s in sources for t in s.instructions})
+        self.has_embedding = all(s.embedding is not None for s in sources)
+
+    def __len__(self):
+        return sum(len(s) for s in self.sources)
+
+    def _frames(self, src, view, idx):  # (n,) global step indices -> uint8 (n, 3, H, W), each decoded once
+        cache = {i: src.image(view, i) for i in dict.fromkeys(idx.tolist())}
+        out = [cache[i] for i in idx.tolist()]
+        out = [TF.resize(x, list(self.size), antialias=True) if tuple(x.shape[1:]) != self.size else x for x in out]
+        return torch.stack(out)
+
+    def __getitem__(self, item):
+        sid, i, position = item
+        src = self.sources[sid]
+        e, t, length = src.locate(i)
+        base = int(src.start[e])
+        ts = t - self.history + 1 + np.arange(self.history)               # (T,) history steps
+        obs_t = np.maximum(ts, 0)
+        act_t = obs_t[:, None] + np.arange(self.chunk)[None]              # (T, K)
+        state = np.zeros((self.history, self.state_dim), np.float32)
+        state[:, : src.state.shape[1]] = src.state[base + obs_t]
+        action = np.zeros((self.history, self.chunk, self.action_dim), np.float32)
+        action[..., : src.action.shape[1]] = src.action[base + np.minimum(act_t, length - 1)]
+        sample = {"obs_pad": torch.from_numpy(ts < 0), "state": torch.from_numpy(state),
+                  "action": torch.from_numpy(action), "action_pad": torch.from_numpy(act_t >= length),
+                  "instruction": src.instructions[src.instruction[e]], "dataset_id": sid, "episode": e, "step": t}
+        for view in self.views:
+            sample[f"image_{view}"] = self._frames(src, view, base + obs_t)
+        if self.has_embedding:
+            sample["language_embedding"] = torch.from_numpy(np.array(src.embedding[e], np.float32))
+        if self.goal_last:
+            rng = np.random.default_rng([self.seed, position])
+            goal = rng.integers(max(t, length - self.goal_last), length)
+            sample["goal_image_primary"] = self._frames(src, "primary", np.array([base + goal]))[0]
+        if self.future:
+            fut = obs_t + self.future
+            sample["future_image_primary"] = self._frames(src, "primary", base + np.minimum(fut, length - 1))
+            sample["future_pad"] = torch.from_numpy(fut >= length)
+        return sample
+
+
+class Sampler(torch.utils.data.Sampler):
+    """An endless, seeded stream of (source id, step index, position) for one rank.
+
+    The global stream is one sequence for all ranks; global batch s is positions [s*B, (s+1)*B), cut into
+    per-rank pieces of `batch_size` in rank order. So the samples of a step do not depend on the number
+    of ranks, workers or accumulation steps, and starting at position s*B resumes exactly.
+    One source: a fresh permutation per epoch (every step once per epoch, as DistributedSampler).
+    Several: the source drawn by weight and a uniform step within it, in seeded blocks of positions."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, dataset, batch_size, rank=0, world=1, seed=0, start=0):
+        self.sizes = [len(s) for s in dataset.sources]
+        self.weights, self.batch, self.rank, self.world, self.seed = dataset.weights, batch_size, rank, world, seed
+        if start % (batch_size * world):
+            raise ValueError(f"start position {start} must be a multiple of batch_size * world")
+        self.start = start
+        self._cache = (None, None)
+
+    def _block(self, key, make):
+        if self._cache[0] != key:
+            self._cache = (key, make())
+        return self._cache[1]
+
+    def draw(self, p):
+        if len(self.sizes) == 1:
+            n = self.sizes[0]
+            perm = self._block(p // n, lambda: np.random.default_rng([self.seed, p // n]).permutation(n))
+            return 0, int(perm[p % n]), p
+        b = p // self.BLOCK
+
+        def make():
+            rng = np.random.default_rng([self.seed, b])
+            src = rng.choice(len(self.sizes), size=self.BLOCK, p=self.weights)
+            return src, (rng.random(self.BLOCK) * np.array(self.sizes)[src]).astype(np.int64)
+        src, idx = self._block(b, make)
+        return int(src[p % self.BLOCK]), int(idx[p % self.BLOCK]), p
+
+    def __iter__(self):
+        chunk = self.start // self.batch + self.rank
+        while True:
+            for p in range(chunk * self.batch, (chunk + 1) * self.batch):
+                yield self.draw(p)
+            chunk += self.world
+
+
+def loader(dataset, batch_size, rank=0, world=1, seed=0, start=0, num_workers=None, pin_memory=False):
+    """DataLoader over the endless Sampler; batch_size is per rank. A private generator keeps the
+    workers' seeding out of the global torch RNG (so resuming is exact)."""
+    if num_workers is None:
+        num_workers = max(1, (os.cpu_count() or 2) // max(1, world) - 1)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=Sampler(dataset, batch_size, rank, world, seed, start),
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(seed))
+
+
+def parse_sources(spec):
+    """'a_path:0.7,b_path:0.3' -> (paths, weights or None)."""
+    paths, weights = [], []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        path, _, w = item.rpartition(":") if ":" in item and _is_number(item.rpartition(":")[2]) else (item, "", "")
+        paths.append(path)
+        weights.append(float(w) if w else None)
+    if not paths:
+        raise DataError(f"--data '{spec}': expected PATH or PATH:WEIGHT,PATH:WEIGHT,...")
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        raise DataError(f"--data '{spec}': give a weight to every source or to none")
+    return paths, (None if weights[0] is None else weights)
+
+
+def _is_number(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
+    """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed."""
+    paths, given = parse_sources(spec)
+    sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
+    return Mixture(sources, weights=weights if weights is not None else given, **window)
+
+
+def add_args(parser):
+    """The data flags every method's main() shares."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS or CALVIN); default: MetaWorld")
+    g.add_argument("--split", default="train")
+    g.add_argument("--calvin_all_frames", action="store_true", help="CALVIN: every frame, not only annotated windows")
+    for flag in KEY_FLAGS:
+        g.add_argument(f"--{flag}", default=None, help="map a dataset that is not in data.STANDARD")
+    return parser
+
+
+def keys_from(args):
+    return {k: getattr(args, k) for k in KEY_FLAGS if getattr(args, k, None)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Command line: summary and benchmark
+
+def summary(ds):
+    for sid, s in enumerate(ds.sources):
+        st = s.stats
+        print(f"[{sid}] {s.name}  ({s.meta['source']['format']}, cache {s.cache})")
+        print(f"    episodes {st['num_episodes']:,}  steps {st['num_steps']:,}  "
+              f"mean length {st['num_steps'] / st['num_episodes']:.1f}  weight {ds.weights[sid]:.3f}")
+        shapes = {v: tuple(s.image(v, 0).shape) for v in s.views}
+        print(f"    cameras {shapes}  state {s.state.shape[1]}-d  action {s.action.shape[1]}-d  "
+              f"language embedding {'%d-d' % s.embedding.shape[1] if s.embedding is not None else 'none'}")
+        print(f"    {len(s.instructions)} instruction(s): " + "; ".join(repr(t) for t in s.instructions[:5])
+              + (" ..." if len(s.instructions) > 5 else ""))
+        for key in ("action", "state"):
+            for stat in ("mean", "std", "q01", "q99"):
+                print(f"    {key:6s} {stat:4s} " + " ".join(f"{v:+8.3f}" for v in st[key][stat]))
+
+
+def bench(ds, batch_size=32, batches=30, workers=None):
+    dl = loader(ds, batch_size, num_workers=workers)
+    it = iter(dl)
+    next(it)  # start the workers
+    t0 = time.time()
+    for _ in range(batches):
+        next(it)
+    dt = time.time() - t0
+    frames = batch_size * batches * ds.history * len(ds.views)
+    print(f"{batch_size * batches / dt:,.0f} samples/s, {frames / dt:,.0f} decoded+resized frames/s "
+          f"({dl.num_workers} workers, {ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="PATH or PATH:WEIGHT,...")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--history", type=int, default=1)
+    p.add_argument("--views", default="primary")
+    p.add_argument("--workers", type=int, default=None)
+    add_args(p)
+    args = p.parse_args(argv)
+    try:
+        ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames, image_size=args.image_size,
+                  history=args.history, views=tuple(args.views.split(",")))
+    except DataError as e:
+        sys.exit(f"data.py: {e}")
+    bench(ds, workers=args.workers) if args.bench else summary(ds)
+
+
+if __name__ == "__main__":
+    main()
