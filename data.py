@@ -169,6 +169,7 @@ def read_features(rlds_dir):
             spec = node.get("tensor") or node.get("image") or {}
             shape = tuple(int(d) for d in spec.get("shape", {}).get("dimensions", []))
             dtype = {"Text": "string", "ClassLabel": "int64"}.get(cls, spec.get("dtype", "string"))
+            dtype = "uint8" if cls == "Image" and dtype == "string" else dtype
             encoded = cls == "Image" or dtype == "string" or spec.get("encoding", "none") != "none"
             out[prefix[:-1]] = Feature("bytes" if encoded else "tensor", shape, dtype, per_step,
                                        spec.get("encoding", "none"))
@@ -188,9 +189,10 @@ def decode_feature(buf, parsed, key, feature):
     if feature.kind == "bytes":
         values = np.empty(len(payload), dtype=object)
         values[:] = [bytes(buf[s:e]) for s, e in payload]
+        shape = feature.shape if feature.dtype == "string" else ()  # an image or zlib blob is one value
         if not feature.per_step:
-            return values.reshape(feature.shape)[()] if values.size else b""
-        return values.reshape((-1, *feature.shape))
+            return values.reshape(shape)[()] if values.size else b""
+        return values.reshape((-1, *shape))
     dtype = np.bool_ if feature.dtype == "bool" else np.dtype(feature.dtype)
     values = np.asarray(payload).astype(dtype)
     return values.reshape((-1, *feature.shape)) if feature.per_step else values.reshape(feature.shape)
