@@ -440,6 +440,9 @@ def cache_root():
 
 def detect(path):
     """('rlds', version dir) or ('calvin', split root) for a path, or a clear error."""
+    if str(path).startswith(("gs://", "s3://", "http://", "https://")):
+        raise DataError(f"{path}: remote paths are not read directly; copy the dataset to a local disk first "
+                        f"(e.g. gsutil -m cp -r {path} ./data/) and pass the local folder")
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{p}: no such file or directory (expected an RLDS dataset or a CALVIN folder)")

@@ -268,6 +268,11 @@ def test_missing_path(tmp_path):
         data.load(str(tmp_path / "nowhere"))
 
 
+def test_remote_path_says_copy_it_first():
+    with pytest.raises(data.DataError, match="copy the dataset to a local disk first"):
+        data.load("gs://gresearch/robotics/droid/1.0.1")
+
+
 def test_folder_in_no_known_format(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(data.DataError, match="no known format.*RLDS.*CALVIN"):
