@@ -1,0 +1,225 @@
+"""eval_sim.py on real MetaWorld with real offscreen rendering (CPU, Mesa EGL): actions, seeds, errors,
+expert and random policies, a checkpoint-rebuilt policy, and a tiny RLDS collection read back with TFDS."""
+import json
+import os
+import shutil
+import textwrap
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import pytest
+import torch
+
+import eval_sim
+from eval_sim import EvalError
+
+
+# --- fast checks, no simulation ----------------------------------------------------------------------
+
+def test_action_conversion_round_trip():
+    native = np.random.default_rng(0).uniform(-1, 1, (1000, 4)).astype(np.float32)
+    standard = eval_sim.to_standard_action(native)
+    assert standard.shape == (1000, 7) and standard.dtype == np.float32
+    assert (standard[:, 3:6] == 0).all() and (standard[:, 6] >= 0).all() and (standard[:, 6] <= 1).all()
+    np.testing.assert_allclose(eval_sim.to_env_action(standard), native, atol=1e-6)
+    # grab effort +1 closes the gripper: standard gripper 0 = closed, 1 = open
+    np.testing.assert_array_equal(eval_sim.to_standard_action([0.5, 0.25, -1, 1.0]), [0.5, 0.25, -1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(eval_sim.to_standard_action([0, 0, 0, -1.0])[6], 1.0)
+    # the env action is clipped to MetaWorld's box; rotations are dropped
+    np.testing.assert_array_equal(eval_sim.to_env_action([2, -3, 0.5, 9, 9, 9, -1]), [1, -1, 0.5, 1])
+
+
+def test_demonstration_and_evaluation_seeds_never_overlap():
+    episodes = (eval_sim.EVAL_SEED - eval_sim.DEMO_SEED) // eval_sim.DEMO_TRIES  # the most collect accepts
+    last_demo = max(eval_sim.demo_seed(k, a, episodes) for k in (0, episodes - 1) for a in range(eval_sim.DEMO_TRIES))
+    assert last_demo < min(eval_sim.eval_seeds(1000)) == eval_sim.EVAL_SEED
+    with pytest.raises(EvalError, match="--episodes"):
+        eval_sim.collect("reach-v3", episodes + 1, "unused")
+    with pytest.raises(EvalError, match="--seed_offset"):
+        eval_sim.eval_seeds(10, seed_offset=-1)
+
+
+def test_one_distinct_instruction_per_task():
+    assert set(eval_sim.INSTRUCTIONS) == set(eval_sim.SUITES["mt50"]) and len(eval_sim.SUITES["mt50"]) == 50
+    assert len(set(eval_sim.INSTRUCTIONS.values())) == 50
+    assert len(eval_sim.parse_tasks("mt10")) == 10
+    assert eval_sim.parse_tasks(" reach-v3, push-v3 ") == ["reach-v3", "push-v3"]
+
+
+def test_unknown_task_lists_valid_names(capsys):
+    with pytest.raises(EvalError) as e:
+        eval_sim.parse_tasks("reach-v3,fly-v3")
+    assert "fly-v3" in str(e.value) and "window-close-v3" in str(e.value) and "mt10" in str(e.value)
+    with pytest.raises(SystemExit, match=r"eval_sim.py: --tasks 'fly-v3': unknown task\(s\) \['fly-v3'\]"):
+        eval_sim.main(["evaluate", "--policy", "random", "--tasks", "fly-v3"])
+
+
+def test_bad_numbers_are_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="eval_sim.py: --size 4: expected"):
+        eval_sim.main(["collect", "--tasks", "reach-v3", "--size", "4", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="eval_sim.py: --episodes 0: expected"):
+        eval_sim.main(["evaluate", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "0"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"method": "rt1", "model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    for path in (garbage, truncated):
+        with pytest.raises(EvalError, match=f"--ckpt {path}: cannot be read .* expected a checkpoint"):
+            eval_sim.load_policy(str(path))
+    with pytest.raises(SystemExit, match="eval_sim.py: --ckpt .*missing.pt: no such file"):
+        eval_sim.main(["evaluate", "--ckpt", str(tmp_path / "missing.pt")])
+    not_ours = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), not_ours)
+    with pytest.raises(EvalError, match="has no 'method' string"):
+        eval_sim.load_policy(str(not_ours))
+
+
+def test_checkpoint_of_unknown_method_is_one_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"method": "no_such_method", "config": {}, "model": {}, "stats": {}, "step": 3}, path)
+    with pytest.raises(SystemExit, match=f"eval_sim.py: --ckpt {path}: method 'no_such_method' is unknown"):
+        eval_sim.main(["evaluate", "--ckpt", str(path)])
+
+
+def test_bad_actions_are_rejected_naming_the_method():
+    good = np.zeros((3, 7), np.float32)
+    assert eval_sim.check_actions(good, 3, "rt1") is good
+    for bad, got in [(np.zeros((3, 4)), r"shape \(3, 4\)"), (np.zeros(7), r"shape \(7,\)"),
+                     (np.full((3, 7), np.nan), r"shape \(3, 7\)"), (torch.zeros(3, 7), "Tensor"),
+                     ([[0.0] * 7] * 3, "list")]:
+        with pytest.raises(EvalError, match=rf"policy 'rt1': act\(\) returned .*{got}.*expected .*\(3, 7\)"):
+            eval_sim.check_actions(bad, 3, "rt1")
+
+
+# --- simulation: worker processes, MuJoCo physics and EGL rendering --------------------------------------
+
+def test_expert_succeeds_through_the_standard_action_path(tmp_path):
+    # ~6 s: two worker processes start (~2 s), then 2 tasks x 3 rendered episodes of ~45-65 steps
+    out = tmp_path / "eval"
+    results = eval_sim.evaluate(eval_sim.ExpertPolicy(), "reach-v3,button-press-topdown-v3", 3, out_dir=str(out),
+                                method="expert", size=64)
+    assert results["success"] == {"reach-v3": 1.0, "button-press-topdown-v3": 1.0} and results["mean"] == 1.0
+    assert results["seeds"] == [eval_sim.EVAL_SEED, eval_sim.EVAL_SEED + 2]
+    assert json.loads((out / "results.json").read_text())["success"] == results["success"]
+    from PIL import Image
+    gif = Image.open(out / "reach-v3.gif")
+    assert gif.size == (64, 64) and gif.n_frames > 5
+    gif.seek(gif.n_frames - 1)
+    assert gif.convert("RGB").getpixel((0, 32)) == (0, 200, 0)  # the green success border
+
+
+def test_random_policy_scores_zero():
+    # ~8-13 s: random actions never succeed, so both episodes run MetaWorld's full 500 rendered steps
+    results = eval_sim.evaluate(eval_sim.RandomPolicy(), "pick-place-v3", 2, method="random", size=64)
+    assert results["success"] == {"pick-place-v3": 0.0} and results["mean"] == 0.0
+
+
+TINY_METHOD = '''
+import numpy as np
+
+class Policy:
+    """A method file's Policy in miniature: it records what it is given and answers in the wrong shape."""
+    wants_goal_image = True
+    seen = []
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device):
+        policy = cls()
+        policy.ckpt, policy.device = ckpt, device
+        return policy
+
+    def reset(self, num_envs):
+        self.num_envs = num_envs
+
+    def act(self, obs, instructions):
+        Policy.seen.append((obs, instructions))
+        return np.zeros((self.num_envs, 4), np.float32)  # MetaWorld's 4-d action instead of the standard 7-d one
+'''
+
+
+def test_checkpoint_policy_gets_the_batched_observation_and_a_wrong_shape_names_it(tmp_path, monkeypatch):
+    # ~2 s: worker start, the expert's rollout for each goal image, then the first step fails as it should
+    (tmp_path / "tiny_method.py").write_text(textwrap.dedent(TINY_METHOD))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"method": "tiny_method", "config": {"a": 1}, "model": {}, "stats": {}, "step": 7}, path)
+    policy, method = eval_sim.load_policy(str(path))
+    assert method == "tiny_method" and policy.ckpt["step"] == 7 and policy.device == "cpu"
+    with pytest.raises(EvalError, match=r"policy 'tiny_method': act\(\) returned an array of shape \(2, 4\)"):
+        eval_sim.evaluate(policy, "drawer-open-v3", 2, method=method, size=64)
+    (obs, instructions), = policy.seen
+    assert instructions == ["pull the drawer open"] * 2
+    assert set(obs) == {"image_primary", "image_wrist", "state", "goal_image_primary"}
+    for key in ("image_primary", "image_wrist", "goal_image_primary"):
+        assert obs[key].shape == (2, 3, 64, 64) and obs[key].dtype == np.uint8 and obs[key].std() > 10, key
+    assert obs["state"].shape == (2, 4) and obs["state"].dtype == np.float32
+    assert not np.array_equal(obs["goal_image_primary"], obs["image_primary"])  # the drawer is open in the goal
+    assert not np.array_equal(obs["goal_image_primary"][0], obs["goal_image_primary"][1])  # two variations
+
+
+# --- collect: a tiny RLDS dataset, read back with TFDS -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_rlds(tmp_path_factory):
+    # ~6-9 s: worker start, TensorFlow import, 2 rendered expert episodes of ~45 steps, TFDS writing
+    out = tmp_path_factory.mktemp("metaworld") / "reach"
+    eval_sim.main(["collect", "--tasks", "reach-v3", "--episodes", "2", "--size", "64", "--out", str(out)])
+    return out
+
+
+def test_collect_writes_rlds_that_tfds_reads(tiny_rlds):
+    import torchvision  # noqa: F401, before TensorFlow
+    import tensorflow_datasets as tfds
+    assert sorted(os.listdir(tiny_rlds)) == ["1.0.0"]  # the temporary folder is gone
+    assert {"dataset_info.json", "features.json"} <= set(os.listdir(tiny_rlds / "1.0.0"))
+    builder = tfds.builder_from_directory(str(tiny_rlds / "1.0.0"))
+    assert builder.info.name == "metaworld" and str(builder.info.version) == "1.0.0"
+    steps, obs = builder.info.features["steps"], builder.info.features["steps"]["observation"]
+    for cam in ("image", "wrist_image"):
+        assert obs[cam].shape == (64, 64, 3) and obs[cam].dtype == np.uint8 and obs[cam].encoding_format == "jpeg"
+    assert obs["state"].shape == (4,) and obs["state"].dtype == np.float32
+    assert steps["action"].shape == (4,) and steps["action"].dtype == np.float32
+    for key, dtype in [("reward", np.float32), ("discount", np.float32), ("is_first", np.bool_),
+                       ("is_last", np.bool_), ("is_terminal", np.bool_), ("language_instruction", np.str_)]:
+        assert steps[key].shape == () and steps[key].dtype == dtype, key
+    meta = builder.info.features["episode_metadata"]
+    assert meta["task"].dtype == np.str_ and meta["seed"].dtype == np.int64
+
+    episodes = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    assert len(episodes) == 2
+    assert sorted(int(e["episode_metadata"]["seed"]) for e in episodes) == [0, 1]  # demo seeds, not eval seeds
+    for e in episodes:
+        assert e["episode_metadata"]["task"] == b"reach-v3"
+        s = list(e["steps"])
+        T = len(s)
+        assert 10 < T < eval_sim.MAX_STEPS
+        assert [x["is_first"] for x in s] == [True] + [False] * (T - 1)
+        assert [x["is_last"] for x in s] == [x["is_terminal"] for x in s] == [False] * (T - 1) + [True]
+        assert all(x["language_instruction"] == b"reach the goal position" for x in s)
+        actions = np.stack([x["action"] for x in s])
+        states = np.stack([x["observation"]["state"] for x in s])
+        assert np.abs(actions).max() <= 1 and states.dtype == np.float32
+        assert np.abs(np.diff(states[:, :3], axis=0)).max() > 1e-3  # the hand moves
+        for x in (s[0], s[-1]):
+            assert x["observation"]["image"].std() > 10 and x["observation"]["wrist_image"].std() > 10
+
+    raw = builder.as_dataset(split="train", decoders={"steps": {"observation": {"image": tfds.decode.SkipDecoding()}}})
+    jpeg = next(iter(next(iter(raw))["steps"]))["observation"]["image"].numpy()
+    assert jpeg[:2] == b"\xff\xd8"  # stored as JPEG bytes
+
+
+def test_default_data_reuses_a_finished_collection(tiny_rlds, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_rlds, root / "reach-v3_2")
+    (root / "reach-v3_2" / ".incomplete-abc").mkdir()  # an interrupted run's leftovers do not matter
+    path = eval_sim.default_data("reach-v3", 2, root=str(root))
+    assert path == str(root / "reach-v3_2" / "1.0.0")
+    assert "collecting" not in capsys.readouterr().out
+    with pytest.raises(EvalError, match="already exists"):
+        eval_sim.collect("reach-v3", 2, str(root / "reach-v3_2"))
