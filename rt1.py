@@ -1,0 +1,409 @@
+"""rt1.py: RT-1, the Robotics Transformer (Brohan et al., "RT-1: Robotics Transformer for Real-World Control at
+Scale", arXiv 2212.06817, 2022), in one file.
+
+Official code: google-research/robotics_transformer (TF/Keras; transformer_network.py, transformer.py,
+tokenizers/{image_tokenizer,token_learner,action_tokenizer}.py, film_efficientnet/). Where the paper and
+that code differ, this file follows the code and says so (facts: ../shared/specs/rt1_gcbc.md, Part A).
+
+    6 frames --FiLM-EfficientNet-B3 (instruction)--> 9x9 (here 10x10) x 512 --TokenLearner--> 8 tokens/frame
+    [8 image tokens | 7 action slots] x 6 steps --8-layer causal transformer--> 256-way logits per action dim
+
+    python rt1.py                                       # MetaWorld MT10: collect (once), train, evaluate
+    python rt1.py --data PATH --out_dir runs/rt1        # any data.py source or mixture (a:0.7,b:0.3)
+    torchrun --nproc_per_node=8 rt1.py --data PATH      # DDP on 8 GPUs
+    python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
+"""
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from torchvision.models.efficientnet import MBConvConfig
+
+
+@dataclass
+class Config:
+    image_size: int = 300          # frames are resized to image_size x image_size (A1: 300x300, aspect ignored)
+    history: int = 6               # T: frames of history (gin SEQUENCE_LENGTH)
+    width_mult: float = 1.2        # EfficientNet-B3 width multiplier
+    depth_mult: float = 1.4        # EfficientNet-B3 depth multiplier (26 MBConv blocks)
+    stochastic_depth: float = 0.2  # EfficientNet's drop-path rate, scaled by block index
+    lang_dim: int = 512            # instruction embedding (Universal Sentence Encoder large v5: 512-d)
+    tokens_per_image: int = 8      # TokenLearner output tokens per frame
+    d_model: int = 512             # transformer width (the official code calls it feed_forward_size)
+    layers: int = 8                # transformer blocks
+    heads: int = 8                 # attention heads
+    head_dim: int = 128            # per-head key/value width (the official code calls it layer_size)
+    dropout: float = 0.1           # on attention probabilities and after the feed-forward layer
+    action_dim: int = 7            # action tokens per step: the standard 7-d action (official: 11, see RT1)
+    bins: int = 256                # uniform bins per action dimension (A3)
+    shift: float = 0.1             # training: random translation up to this fraction of H, W (official 20/256, 50/320)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Image tokenizer: FiLM-conditioned EfficientNet-B3 + TokenLearner
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation (Perez et al. 2018): x * (1 + gamma(c)) + beta(c). Both projections
+    start at zero (weights and biases), so the layer is the identity at init and pretrained features pass
+    through unchanged (official film_conditioning_layer.py)."""
+
+    def __init__(self, cond_dim, channels):
+        super().__init__()
+        self.add, self.mult = nn.Linear(cond_dim, channels), nn.Linear(cond_dim, channels)
+        for layer in (self.add, self.mult):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, cond):  # x (N, C, H, W), cond (N, D)
+        beta, gamma = self.add(cond)[:, :, None, None], self.mult(cond)[:, :, None, None]
+        return x * (1 + gamma) + beta
+
+
+def efficientnet_features(width_mult, depth_mult, stochastic_depth):
+    """torchvision's EfficientNet trunk (stem, MBConv stages, 1x1 head conv); B3 = (1.2, 1.4). Its keys are
+    those of torchvision's `features`, so an ImageNet state_dict loads into it as is."""
+    conf = lambda *a: MBConvConfig(*a, width_mult=width_mult, depth_mult=depth_mult)
+    stages = [conf(1, 3, 1, 32, 16, 1), conf(6, 3, 2, 16, 24, 2), conf(6, 5, 2, 24, 40, 2),  # EfficientNet-B0,
+              conf(6, 3, 2, 40, 80, 3), conf(6, 5, 1, 80, 112, 3), conf(6, 5, 2, 112, 192, 4),  # Tan & Le 2019,
+              conf(6, 3, 1, 192, 320, 1)]                                                     # Table 1
+    return torchvision.models.EfficientNet(stages, dropout=0.0, stochastic_depth_prob=stochastic_depth).features
+
+
+class FiLMEfficientNet(nn.Module):
+    """Frames + instruction -> (N, d_model, h, w) feature map. A FiLM layer after every MBConv block, then
+    a 1x1 conv to d_model and one more FiLM. At 300x300 torchvision's symmetric padding gives a 10x10 map
+    where the Keras graph gives 9x9 (spec A2.4); TokenLearner makes 8 tokens of either."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.net = efficientnet_features(cfg.width_mult, cfg.depth_mult, cfg.stochastic_depth)
+        blocks = [b for stage in self.net[1:-1] for b in stage]  # 26 MBConv blocks in B3
+        self.films = nn.ModuleList(FiLM(cfg.lang_dim, b.out_channels) for b in blocks)
+        self.conv1x1 = nn.Conv2d(self.net[-1].out_channels, cfg.d_model, 1, bias=False)  # 1536 -> 512
+        self.film = FiLM(cfg.lang_dim, cfg.d_model)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images, cond):  # images uint8 (N, 3, H, W), cond (N, lang_dim)
+        x = (images.float() / 255 - self.mean) / self.std  # ImageNet normalisation (spec A1)
+        x = self.net[0](x)  # stem
+        films = iter(self.films)
+        for stage in self.net[1:-1]:
+            for block in stage:
+                x = next(films)(block(x), cond)
+        x = self.net[-1](x)  # (N, 1536, h, w)
+        return self.film(self.conv1x1(x), cond)  # (N, 512, h, w)
+
+
+class TokenLearner(nn.Module):
+    """TokenLearner v1.1 (Ryoo et al. 2021; official token_learner.py): an MLP on the layer-normed features
+    gives `num_tokens` attention maps over the h*w positions; each token is a weighted sum of the
+    un-normalised features."""
+
+    def __init__(self, dim, num_tokens, hidden=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, num_tokens))
+        for layer in (self.mlp[0], self.mlp[2]):  # Keras: glorot-uniform kernels, N(0, 1e-6) biases
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.normal_(layer.bias, std=1e-6)
+
+    def forward(self, x):  # (N, C, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (N, hw, C)
+        weights = self.mlp(self.norm(x)).softmax(dim=1)  # (N, hw, S): softmax over positions
+        return weights.transpose(1, 2) @ x  # (N, S, C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Transformer: decoder-only, causal over time (official transformer.py, transformer_network.py)
+
+class Block(nn.Module):
+    """Pre-LN block as in the official code: x += MHA(LN(x)); x += Dropout(FF(LN(x))), where FF is a single
+    d_model -> d_model linear layer with no activation, and the attention is 8 heads x 128 (1024 wide)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        inner = cfg.heads * cfg.head_dim
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model, eps=1e-6), nn.LayerNorm(cfg.d_model, eps=1e-6)
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner) for _ in range(3))
+        self.out = nn.Linear(inner, cfg.d_model)
+        self.ff = nn.Linear(cfg.d_model, cfg.d_model)
+        self.heads, self.dropout = cfg.heads, cfg.dropout
+
+    def forward(self, x, mask):  # x (B, L, d), mask bool (L, L), True = may attend
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, head_dim)
+        h = self.norm1(x)
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.out(a.transpose(1, 2).flatten(2))
+        return x + F.dropout(self.ff(self.norm2(x)), self.dropout, self.training)
+
+
+def attention_mask(steps, n_image, n_action):
+    """(L, L) bool, True = may attend, L = steps * (n_image + n_action). Causal, minus every action slot ->
+    action slot pair: an action slot sees only the image tokens of its own and earlier steps (A2)."""
+    L, per_step = steps * (n_image + n_action), n_image + n_action
+    is_action = torch.arange(L) % per_step >= n_image
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    return causal & ~(is_action[:, None] & is_action[None, :])
+
+
+class Transformer(nn.Module):
+    """Image tokens (B, T, n, d) -> action logits (B, T, A, bins). Each step is [n image tokens][A action
+    slots]; the slots hold no action (the official code embeds the actions and then replaces them with
+    zeros, issue #16), so one forward pass gives every action dimension: RT-1 is not autoregressive."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n, A = cfg.tokens_per_image, cfg.action_dim
+        self.n_image, self.n_action = n, A
+        self.token_emb = nn.Linear(cfg.d_model, cfg.d_model)
+        self.position = nn.Linear(cfg.history * (n + A), cfg.d_model)  # official: Dense on a one-hot position
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.head = nn.Linear(cfg.d_model, cfg.bins)  # no final LayerNorm in the official code
+        # Keras Dense defaults: glorot-uniform kernel, zero bias. With 16 residual additions and no final
+        # LayerNorm the initial logits have a std of ~4: the loss starts above ln(256) = 5.5 (~8 measured).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.register_buffer("mask", attention_mask(cfg.history, n, A), persistent=False)
+        # the logits for action dim k of step t come from one position earlier: t*(n+A) + n - 1 + k
+        readout = torch.arange(cfg.history)[:, None] * (n + A) + n - 1 + torch.arange(A)[None]
+        self.register_buffer("readout", readout, persistent=False)  # (T, A)
+
+    def forward(self, image_tokens):  # (B, T, n, d)
+        B, T, n, d = image_tokens.shape
+        slots = image_tokens.new_zeros(B, T, self.n_action, d)
+        x = torch.cat([image_tokens, slots], 2).flatten(1, 2)  # (B, L, d), L = T * (n + A)
+        L = x.shape[1]
+        position = self.position.weight[:, :L].t() + self.position.bias  # one-hot(position) @ W + b: (L, d)
+        x = self.token_emb(x) + position
+        for block in self.blocks:
+            x = block(x, self.mask[:L, :L])
+        return self.head(x)[:, self.readout[:T]]  # (B, T, A, bins)
+
+
+class RT1(nn.Module):
+    """Frames + instruction -> action-token logits for every history step.
+
+    Language: the dataset's embedding (`embedding`, (B, lang_dim)) or, for closed-vocabulary data, a learned
+    embedding per instruction string (`vocabulary` given, `instruction` a list of strings).
+    Parameters (paper config with the official 11 action tokens, test_rt1.py): tokenizer 15,744,160 and
+    transformer 19,376,384 exactly as the official 35,252,128, less the official _action_token_emb
+    (256 -> 512, 131,584) whose output the official code replaces by zeros and which is omitted here."""
+
+    def __init__(self, cfg, vocabulary=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocabulary = {s: i for i, s in enumerate(vocabulary)} if vocabulary else None
+        if self.vocabulary:
+            self.instruction_emb = nn.Embedding(len(self.vocabulary), cfg.lang_dim)
+        self.encoder = FiLMEfficientNet(cfg)
+        self.token_learner = TokenLearner(cfg.d_model, cfg.tokens_per_image)
+        self.transformer = Transformer(cfg)
+
+    def language(self, instruction=None, embedding=None):  # -> (B, lang_dim)
+        if self.vocabulary is None:
+            if embedding is None:
+                raise ValueError("this model was trained on the dataset's instruction embeddings: pass embedding")
+            return embedding
+        unknown = sorted({s for s in instruction if s not in self.vocabulary})
+        if unknown:
+            raise KeyError(f"instruction(s) {unknown} are not among the {len(self.vocabulary)} this model learned")
+        index = torch.tensor([self.vocabulary[s] for s in instruction], device=self.instruction_emb.weight.device)
+        return self.instruction_emb(index)
+
+    def tokenize(self, images, instruction=None, embedding=None):  # images uint8 (B, T, 3, H, W)
+        B, T = images.shape[:2]
+        if self.training and self.cfg.shift > 0:
+            images = random_shift(images, self.cfg.shift)
+        cond = self.language(instruction, embedding).repeat_interleave(T, 0)  # the instruction tiled over T
+        features = self.encoder(images.flatten(0, 1), cond)  # (B*T, d, h, w)
+        return self.token_learner(features).unflatten(0, (B, T))  # (B, T, n, d)
+
+    def forward(self, images, instruction=None, embedding=None):
+        return self.transformer(self.tokenize(images, instruction, embedding))  # (B, T, A, bins)
+
+
+def random_shift(images, fraction):
+    """Pad with zeros, then crop back at one random offset for the whole batch (official
+    convert_dtype_and_crop_images(pad_then_crop=True): up to 20 of 256 rows and 50 of 320 columns)."""
+    H, W = images.shape[-2:]
+    ph, pw = round(fraction * H), round(fraction * W)
+    padded = F.pad(images, (pw, pw, ph, ph))
+    top, left = (int(torch.randint(0, 2 * p + 1, ())) for p in (ph, pw))
+    return padded[..., top:top + H, left:left + W]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Actions: normalise to [-1, 1] with each source's 1st/99th percentiles, then 256 uniform bins
+
+class ActionTokenizer:
+    """Standard actions <-> tokens, per source of a mixture (`dataset_id`). The official tokenizer
+    (action_tokenizer.py) floors on encode and decodes to the bin's lower edge: token = floor((a+1)/2 * 255),
+    a = token/255 * 2 - 1, so a round trip loses less than one bin width (2/255), always downwards, and the
+    bounds -1 and 1 come back exactly. The official data needs no normalisation (it lies in fixed bounds);
+    here each dimension's [q01, q99] is mapped to [-1, 1] and clipped. A dimension of zero width (MetaWorld's
+    rotations are always 0) is divided by 1 instead of 0 on encode and decodes to its constant."""
+
+    def __init__(self, stats, bins=256):
+        self.low = torch.tensor([s["action"]["q01"] for s in stats], dtype=torch.float32)  # (sources, A)
+        self.width = torch.tensor([s["action"]["q99"] for s in stats], dtype=torch.float32) - self.low
+        self.bins = bins
+
+    def encode(self, action, dataset_id):  # action (B, ..., A), dataset_id (B,) -> long tokens (B, ..., A)
+        low, width = (x.to(action.device)[dataset_id] for x in (self.low, self.width))
+        width = torch.where(width > 0, width, torch.ones_like(width))
+        shape = (len(dataset_id),) + (1,) * (action.ndim - 2) + (-1,)
+        normalised = (2 * (action - low.view(shape)) / width.view(shape) - 1).clamp(-1, 1)
+        return torch.floor((normalised + 1) / 2 * (self.bins - 1)).long()
+
+    def decode(self, tokens, dataset_id):  # tokens (B, A), dataset_id (B,) -> action (B, A)
+        low, width = (x.to(tokens.device)[dataset_id] for x in (self.low, self.width))
+        normalised = tokens.float() / (self.bins - 1) * 2 - 1
+        return low + (normalised + 1) / 2 * width
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Loss: cross-entropy over the 256 bins of every action dimension of every history step
+
+def loss(model, batch, tokenizer):
+    """Mean cross-entropy over all valid (sample, step, dimension) tokens. The official loss divides by a
+    batch-size constant and masks each episode's last step (a tf_agents artefact: data.py gives that step
+    its real action); this is the plain mean (spec A4). History steps before the episode start repeat the
+    first frame (obs_pad) and are not supervised: their target would repeat step 0's."""
+    logits = model(batch["image_primary"], batch["instruction"], batch.get("language_embedding"))  # (B,T,A,bins)
+    A = logits.shape[2]
+    target = tokenizer.encode(batch["action"][:, :, 0, :A], batch["dataset_id"])  # (B, T, A)
+    valid = ~(batch["obs_pad"] | batch["action_pad"][:, :, 0])  # (B, T)
+    ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view(target.shape)
+    weight = valid[..., None].expand_as(ce).float()
+    correct = (logits.argmax(-1) == target).float()
+    return (ce * weight).sum() / weight.sum(), {"token_acc": (correct * weight).sum() / weight.sum(),
+                  "last_step_acc": correct[:, -1].mean()}  # the step the policy acts on
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Policy: the simulator's interface (eval_sim.py)
+
+class Policy:
+    """Batched over environments. Keeps each environment's last T frames as image tokens (the official
+    policy's "token reuse": with BatchNorm in eval mode a frame's tokens do not depend on other frames), so
+    every step runs the tokenizer on one new frame only. At an episode start the history is the first
+    frame repeated, as data.py pads training windows, and the action is read at the last step."""
+
+    def __init__(self, model, tokenizer, dataset_id=0):
+        self.model, self.tokenizer, self.dataset_id = model.eval(), tokenizer, dataset_id
+        self.device = next(model.parameters()).device
+        self.history = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device):
+        config = ckpt["config"]
+        cfg = Config(**{f.name: config[f.name] for f in fields(Config)})
+        model = RT1(cfg, vocabulary=config["vocabulary"])
+        model.load_state_dict(ckpt["model"])
+        return cls(model.to(device), ActionTokenizer(ckpt["stats"], cfg.bins), metaworld_source(ckpt["stats"]))
+
+    def reset(self, num_envs):
+        self.history = None
+
+    @torch.no_grad()
+    def act(self, obs, instructions):  # obs["image_primary"] uint8 (N, 3, H, W) -> (N, 7)
+        size = self.model.cfg.image_size
+        images = torch.from_numpy(obs["image_primary"])
+        if images.shape[-2:] != (size, size):
+            images = TF.resize(images, [size, size], antialias=True)  # uint8 on the CPU, as data.py resizes
+        images = images.to(self.device)
+        tokens = self.model.tokenize(images[:, None], instructions)  # (N, 1, n, d)
+        if self.history is None:
+            self.history = tokens.repeat(1, self.model.cfg.history, 1, 1)  # (N, T, n, d)
+        else:
+            self.history = torch.cat([self.history[:, 1:], tokens], 1)
+        logits = self.model.transformer(self.history)[:, -1]  # (N, A, bins)
+        dataset_id = torch.full((len(images),), self.dataset_id, device=self.device)
+        action = self.tokenizer.decode(logits.argmax(-1), dataset_id).cpu().numpy()
+        out = np.zeros((len(images), 7), np.float32)
+        out[:, :action.shape[1]] = action[:, :7]
+        return out
+
+
+def metaworld_source(stats):
+    """The source whose statistics a MetaWorld policy acts with: the one named metaworld, else the first."""
+    names = [s.get("name") for s in stats]
+    return names.index("metaworld") if "metaworld" in names else 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Command line: data -> train -> evaluate in MetaWorld
+
+def main():
+    import argparse
+    import os
+    import data
+    import eval_sim
+    import train
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_args(parser)
+    parser.add_argument("--imagenet_weights", default=None,
+                        help="torchvision EfficientNet_B3 ImageNet state_dict (.pth); without it: random init")
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--eval_tasks", default="mt10" if gpu else "reach-v3,push-v3,pick-place-v3",
+                        help="MetaWorld tasks to evaluate after training (default: mt10 on a GPU, its first "
+                             "three tasks on a CPU)")
+    parser.add_argument("--eval_episodes", type=int, default=None,
+                        help="episodes per task after training (default: 20 on a GPU, 1 on a CPU, "
+                             "with the default MetaWorld data only; 0 skips)")
+    metaworld = data.add_args(argparse.ArgumentParser(add_help=False)).parse_known_args()[0].data is None
+    # The paper's recipe (spec A5): Adam at 1e-4, no schedule, no weight decay, no clipping; batch size and
+    # step count are not in the official repository. On a CPU the default run is cut to fit ~20 minutes:
+    # 64 px frames, 40 steps of batch 8, one evaluation episode on three tasks (a policy step runs the whole
+    # 90-token transformer, ~3.7 GFLOP, as the official policy does: ~0.3-1 s on 2 cores).
+    cfg = Config(image_size=128 if gpu else 64) if metaworld else Config()  # MetaWorld is 128 px: no upsampling
+    tcfg = train.TrainConfig(out_dir="runs/rt1", steps=100_000 if gpu else 40, batch_size=64 if gpu else 8,
+                             lr=1e-4 if gpu else 3e-4, min_lr=1e-4 if gpu else 3e-5, warmup=1000 if gpu else 20,
+                             weight_decay=0.0, grad_clip=0.0, ckpt_every=5000 if gpu else 40,
+                             log_every=50 if gpu else 10)
+    args, (cfg, tcfg) = train.parse_args(cfg, tcfg, parser=parser)
+
+    path = args.data or eval_sim.default_data()
+    ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
+                   image_size=cfg.image_size)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if ds.has_embedding:
+        dim = ds.sources[0].embedding.shape[1]
+        cfg = Config(**{**asdict(cfg), "lang_dim": dim})
+        language, vocabulary = f"the dataset's {dim}-d instruction embedding", None
+    else:
+        language = f"a learned {cfg.lang_dim}-d embedding per instruction ({len(ds.instructions)} distinct)"
+        vocabulary = ds.instructions
+    model = RT1(cfg, vocabulary)
+    if args.imagenet_weights:
+        weights = torch.load(args.imagenet_weights, map_location="cpu", weights_only=True)
+        model.encoder.net.load_state_dict({k[len("features."):]: v for k, v in weights.items()
+                                           if k.startswith("features.")})
+        backbone = f"ImageNet weights from {args.imagenet_weights}"
+    else:
+        backbone = "random init (no --imagenet_weights)"
+    if rank0:
+        print(f"rt1: data {path} | language: {language} | EfficientNet-B3: {backbone} | "
+              f"{cfg.image_size}px, {cfg.history} frames")
+    tokenizer = ActionTokenizer(ds.stats, cfg.bins)
+    model = train.train(model, lambda m, b: loss(m, b, tokenizer), ds, tcfg, method="rt1",
+                        config={**asdict(cfg), "vocabulary": vocabulary})
+
+    episodes = args.eval_episodes if args.eval_episodes is not None else (20 if gpu else 1) * metaworld
+    if rank0 and episodes > 0:
+        policy = Policy(model, tokenizer, metaworld_source(ds.stats))
+        eval_sim.evaluate(policy, args.eval_tasks, episodes, out_dir=os.path.join(tcfg.out_dir, "eval"),
+                          method="rt1", size=128)
+
+
+if __name__ == "__main__":
+    main()
