@@ -452,7 +452,7 @@ def run_task(workers, policy, task, seeds, method, bar):
     for t in range(MAX_STEPS):
         actions = check_actions(policy.act(batch(obs, policy), instructions), n, method)
         for i, o in workers.step({i: actions[i] for i in np.flatnonzero(~done)}).items():
-            obs[i], success[i] = o, o["success"]
+            obs[i], success[i] = obs[i] | o, o["success"]  # a step's reply updates; the reset's goal stays
         if not done[0]:
             frames.append(obs[0]["image"])
         finished = success | (t == MAX_STEPS - 1)

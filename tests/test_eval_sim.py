@@ -163,6 +163,29 @@ def test_checkpoint_policy_gets_the_batched_observation_and_a_wrong_shape_names_
     assert not np.array_equal(obs["goal_image_primary"][0], obs["goal_image_primary"][1])  # two variations
 
 
+class GoalRecorder:
+    """Stands still for a few steps and records the goal images it is shown."""
+    wants_goal_image = True
+
+    def reset(self, num_envs):
+        self.goals = []
+
+    def act(self, obs, instructions):
+        self.goals.append(obs["goal_image_primary"].copy())
+        if len(self.goals) == 5:
+            raise StopIteration  # enough steps seen
+        return np.tile(np.array([0, 0, 0, 0, 0, 0, 1], np.float32), (len(instructions), 1))
+
+
+def test_goal_image_stays_the_same_through_the_episode():
+    # ~2 s: the expert's rollout for each goal, then 5 steps; the goal must reach every step, not only the first
+    policy = GoalRecorder()
+    with pytest.raises(StopIteration):
+        eval_sim.evaluate(policy, "drawer-open-v3", 2, method="goal_recorder", size=64, video=False)
+    assert len(policy.goals) == 5
+    assert all(np.array_equal(g, policy.goals[0]) for g in policy.goals)
+
+
 # --- collect: a tiny RLDS dataset, read back with TFDS -------------------------------------------------
 
 @pytest.fixture(scope="module")
