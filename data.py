@@ -19,9 +19,7 @@ Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
 import argparse
 import hashlib
 import json
-import math
 import os
-import pickle
 import shutil
 import struct
 import sys
@@ -101,8 +99,8 @@ def _int64s(buf, start, end):
     values = []
     for _, wire, value in _fields(buf, start, end):
         if wire == 2:  # packed varints
-            i, (s, e) = value[0], value
-            while i < e:
+            i, end = value
+            while i < end:
                 v, i = _varint(buf, i)
                 values.append(v)
         else:
