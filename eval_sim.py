@@ -1,8 +1,10 @@
-"""eval_sim.py: MetaWorld (v3, MuJoCo) expert demonstrations as RLDS, and batched policy evaluation.
+"""eval_sim.py: MetaWorld (v3, MuJoCo) expert demonstrations as RLDS, and batched policy evaluation;
+the CALVIN long-horizon benchmark where calvin_env is installed.
 
     python eval_sim.py collect --tasks mt10 --episodes 50 --out data/metaworld/mt10
     python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
     python eval_sim.py evaluate --policy expert --tasks reach-v3,push-v3 --episodes 10
+    python eval_sim.py evaluate --suite calvin --ckpt runs/gr1/ckpt.pt --calvin_data /data/task_ABC_D
 
 --tasks is mt10, mt50 or a comma list of MetaWorld task names (e.g. reach-v3,door-open-v3).
 
@@ -30,15 +32,26 @@ An episode is one seeded task variation (object and goal positions). Demonstrati
 DEMO_SEED up, evaluations from EVAL_SEED up, so a policy is never evaluated on a variation it was shown.
 Rendering is MuJoCo offscreen through EGL (Mesa on a CPU machine), without shadows, reflections or
 multisampling.
+
+--suite calvin runs the official CALVIN protocol (mees/calvin evaluate_policy.py): the same 1000 chains of 5
+subtasks as its get_sequences(1000), each from its seeded start scene, 360 steps per subtask, judged by
+calvin_env's task oracle; it prints and writes the success rates of 1-5 subtasks in a row, the average
+length and per-task successes. The simulator is calvin_env (not on PyPI; the error message says how to
+install it), configured by --calvin_data's validation/.hydra/merged_config.yaml. The policy sees
+image_primary (N, 3, 200, 200) and image_wrist (N, 3, 84, 84) uint8 and state = robot_obs (N, 15), with N = 1,
+and is reset before every subtask; its standard action is sent as CALVIN's relative action.
 """
 import argparse
 import contextlib
+import functools
 import importlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -570,6 +583,381 @@ def load_policy(path, device="cpu"):
     return module.Policy.from_checkpoint(ckpt, device), method
 
 
+# ---------------------------------------------------------------------------------------------------
+# CALVIN: the long-horizon benchmark of mees/calvin (calvin_agent/evaluation/) on calvin_env
+#
+# A chain is 5 language instructions from one of 192 symbolic start scenes; every subtask gets EP_LEN steps,
+# calvin_env's task oracle judges it, the chain stops at its first failure and the scene is not reset
+# between subtasks. The chains, the scene reset and the metrics are re-implemented here (the chains are
+# checked against the official generator in tests/test_calvin_eval.py); the simulator and the task oracle
+# come from calvin_env, which users install from its repository (it is not on PyPI).
+
+CALVIN_EP_LEN = 360  # EP_LEN of evaluate_policy.py: steps per subtask
+CALVIN_SEQUENCES = 1000  # NUM_SEQUENCES: chains in the benchmark
+CALVIN_CHAIN = 5  # subtasks per chain
+CALVIN_ENV_FIX = "797142c"  # calvin_env "fix bug in button during rollouts" (calvin issue 32): evaluate at or after
+CALVIN_BLOCKS = ("red", "blue", "pink")
+CALVIN_INSTALL = (
+    "the CALVIN evaluation needs calvin_env (not on PyPI): git clone --recursive https://github.com/mees/calvin_env "
+    f"(at or after commit {CALVIN_ENV_FIX}, which fixes the LED button reset), then pip install -e calvin_env; and "
+    "--calvin_data, a CALVIN dataset root (task_ABC_D, task_D_D, ...) whose validation/.hydra/merged_config.yaml "
+    "describes the scene, cameras and robot (evaluate_policy.py builds the env from it; nothing else there is read)")
+
+# The instruction of each task: the first (only) sentence in conf/annotations/new_playtable_validation.yaml.
+CALVIN_INSTRUCTIONS = {
+    "rotate_red_block_right": "take the red block and rotate it to the right",
+    "rotate_red_block_left": "take the red block and rotate it to the left",
+    "rotate_blue_block_right": "take the blue block and rotate it to the right",
+    "rotate_blue_block_left": "take the blue block and rotate it to the left",
+    "rotate_pink_block_right": "take the pink block and rotate it to the right",
+    "rotate_pink_block_left": "take the pink block and rotate it to the left",
+    "push_red_block_right": "go push the red block right",
+    "push_red_block_left": "go push the red block left",
+    "push_blue_block_right": "go push the blue block right",
+    "push_blue_block_left": "go push the blue block left",
+    "push_pink_block_right": "go push the pink block right",
+    "push_pink_block_left": "go push the pink block left",
+    "move_slider_left": "push the sliding door to the left side",
+    "move_slider_right": "push the sliding door to the right side",
+    "open_drawer": "pull the handle to open the drawer",
+    "close_drawer": "push the handle to close the drawer",
+    "lift_red_block_table": "grasp and lift the red block",
+    "lift_blue_block_table": "grasp and lift the blue block",
+    "lift_pink_block_table": "grasp and lift the pink block",
+    "lift_red_block_slider": "lift the red block from the sliding cabinet",
+    "lift_blue_block_slider": "lift the blue block from the sliding cabinet",
+    "lift_pink_block_slider": "lift the pink block from the sliding cabinet",
+    "lift_red_block_drawer": "Take the red block from the drawer",
+    "lift_blue_block_drawer": "Take the blue block from the drawer",
+    "lift_pink_block_drawer": "Take the pink block from the drawer",
+    "place_in_slider": "store the grasped block in the sliding cabinet",
+    "place_in_drawer": "store the grasped block in the drawer",
+    "push_into_drawer": "slide the block that it falls into the drawer",
+    "stack_block": "stack the grasped block",
+    "unstack_block": "remove the stacked block",
+    "turn_on_lightbulb": "use the switch to turn on the light bulb",
+    "turn_off_lightbulb": "use the switch to turn off the light bulb",
+    "turn_on_led": "press the button to turn on the led light",
+    "turn_off_led": "press the button to turn off the led light",
+}
+
+
+def calvin_tasks():
+    """Task name -> (category, rules) as `tasks` and `task_categories` of multistep_sequences.py. A rule is
+    (precondition, effect) on the symbolic scene: the precondition maps keys to their allowed values, the
+    effect to new values. The order is the official one, and it matters: chains are drawn by index into it."""
+    free, holding = {"grasped": (0,)}, {"grasped": (1,)}
+    on = lambda block, *places: {f"{block}_block": places}
+    tasks = {}
+    for verb in ("rotate", "push"):  # the block stays on the table
+        for b in CALVIN_BLOCKS:
+            for side in ("right", "left"):
+                tasks[f"{verb}_{b}_block_{side}"] = (1, [(on(b, "table") | free, {f"{b}_block": "table"})])
+    tasks["move_slider_left"] = (2, [({"slider": ("right",)} | free, {"slider": "left"})])
+    tasks["move_slider_right"] = (2, [({"slider": ("left",)} | free, {"slider": "right"})])
+    tasks["open_drawer"] = (3, [({"drawer": ("closed",)} | free, {"drawer": "open"})])
+    tasks["close_drawer"] = (3, [({"drawer": ("open",)} | free, {"drawer": "closed"})])
+    for b in CALVIN_BLOCKS:
+        lift = {f"{b}_block": "grasped", "grasped": 1}
+        tasks[f"lift_{b}_block_table"] = (4, [(on(b, "table") | free, lift)])
+        tasks[f"lift_{b}_block_slider"] = (5, [  # the door must have slid away from the block's side
+            (on(b, "slider_left") | {"slider": ("right",)} | free, lift),
+            (on(b, "slider_right") | {"slider": ("left",)} | free, lift)])
+        tasks[f"lift_{b}_block_drawer"] = (6, [(on(b, "drawer") | {"drawer": ("open",)} | free, lift)])
+    tasks["place_in_slider"] = (7, [(on(b, "grasped") | {"slider": (side,)} | holding,
+                                     {f"{b}_block": f"slider_{side}", "grasped": 0})
+                                    for b in CALVIN_BLOCKS for side in ("right", "left")])
+    tasks["place_in_drawer"] = (7, [(on(b, "grasped") | {"drawer": ("open",)} | holding,
+                                     {f"{b}_block": "drawer", "grasped": 0}) for b in CALVIN_BLOCKS])
+    pairs = list(itertools.permutations(CALVIN_BLOCKS, 2))  # (top, bottom): red-blue, red-pink, blue-red, ...
+    tasks["stack_block"] = (10, [(on(t, "grasped") | on(u, "table") | holding,
+                                  {f"{t}_block": "stacked_top", f"{u}_block": "stacked_bottom", "grasped": 0})
+                                 for t, u in pairs])
+    tasks["unstack_block"] = (11, [(on(t, "stacked_top") | on(u, "stacked_bottom") | free,
+                                    {f"{t}_block": "table", f"{u}_block": "table"}) for t, u in pairs])
+    for light in ("lightbulb", "led"):
+        tasks[f"turn_on_{light}"] = (8, [({light: (0,)} | free, {light: 1})])
+        tasks[f"turn_off_{light}"] = (8, [({light: (1,)} | free, {light: 0})])
+    tasks["push_into_drawer"] = (9, [  # the other two blocks must sit in the sliding cabinet
+        (on(b, "table") | {f"{o}_block": ("slider_right", "slider_left") for o in CALVIN_BLOCKS if o != b}
+         | {"drawer": ("open",)} | free, {f"{b}_block": "drawer", "grasped": 0}) for b in CALVIN_BLOCKS])
+    return tasks
+
+
+CALVIN_TASKS = calvin_tasks()
+
+
+def calvin_initial_states():
+    """The 192 symbolic start scenes of get_sequences: LED, light bulb, sliding door and drawer in either state,
+    one or two blocks on the table, the others in the sliding cabinet, at most one per side. Key order and
+    value types matter: str(state.values()) seeds the scene reset."""
+    values = {"led": [0, 1], "lightbulb": [0, 1], "slider": ["right", "left"], "drawer": ["closed", "open"],
+              **{f"{b}_block": ["table", "slider_right", "slider_left"] for b in CALVIN_BLOCKS}, "grasped": [0]}
+    ok = lambda v: v.count("table") in (1, 2) and v.count("slider_right") < 2 and v.count("slider_left") < 2
+    return [dict(zip(values, v)) for v in itertools.product(*values.values()) if ok(v)]
+
+
+def calvin_next_state(state, task):
+    """The symbolic scene after `task`, or None unless exactly one of its rules applies (check_sequence)."""
+    outcomes = [state | effect for condition, effect in CALVIN_TASKS[task][1]
+                if all(state[key] in allowed for key, allowed in condition.items())]
+    return outcomes[0] if len(outcomes) == 1 else None
+
+
+@functools.lru_cache
+def calvin_scene_graph():
+    """Every symbolic scene reachable from the 192 start scenes (they come first, 2160 in all) and
+    table[scene, task]: the index of the scene after the task, or -1 where calvin_next_state gives None.
+    An extra last row of -1 keeps a failed chain failed (index -1 reads it)."""
+    scenes = calvin_initial_states()
+    index = {tuple(scene.values()): i for i, scene in enumerate(scenes)}
+    table = []
+    for scene in scenes:  # the list grows while it is read: breadth first
+        row = []
+        for task in CALVIN_TASKS:
+            after = calvin_next_state(scene, task)
+            if after is not None and tuple(after.values()) not in index:
+                index[tuple(after.values())] = len(scenes)
+                scenes.append(after)
+            row.append(-1 if after is None else index[tuple(after.values())])
+        table.append(row)
+    return np.array(table + [[-1] * len(CALVIN_TASKS)])  # (2161, 34)
+
+
+def calvin_chains_for_state(i, n, batch=4096):
+    """get_sequences_for_state2 for start scene i: the first n valid chains among 5-task draws from the
+    legacy RNG seeded with i (the official np.random.seed(i) in a worker process; RandomState(i) is the same
+    stream). A chain is valid when every task's precondition holds with a unique outcome in turn and the 5
+    categories differ. Most draws fail (~46k per scene for 5 or 6 chains), so they are made `batch` at a time
+    and checked at once; drawing past the n-th valid chain is harmless, the RNG is this scene's own."""
+    names, table = list(CALVIN_TASKS), calvin_scene_graph()
+    category = np.array([CALVIN_TASKS[task][0] for task in names])
+    rng, chains = np.random.RandomState(i), []
+    while len(chains) < n:
+        draws = np.tile(np.arange(len(names)), (batch, 1))  # (batch, 34)
+        for row in draws:  # np.random.choice(names, 5, replace=False) is permutation(34)[:5], i.e. these
+            rng.shuffle(row)  # shuffles of arange(34), without choice's per-call overhead
+        draws = draws[:, :CALVIN_CHAIN]  # (batch, 5) task indices
+        scene = np.full(batch, i)
+        for k in range(CALVIN_CHAIN):
+            scene = table[scene, draws[:, k]]  # -1 once a precondition fails
+        distinct = (np.diff(np.sort(category[draws], 1), axis=1) != 0).all(1)
+        chains += [tuple(names[t] for t in row) for row in draws[(scene >= 0) & distinct]]
+    return chains[:n]
+
+
+@functools.lru_cache
+def calvin_sequences(num_sequences=CALVIN_SEQUENCES):
+    """get_sequences(num_sequences): [(start scene, chain of 5 task names)], the same list, in the same order,
+    as the official generator. The chains are split as evenly as possible over the 192 scenes, then shuffled
+    with the legacy RNG seeded 0. Pure NumPy and deterministic; ~10 s for 1000 chains on one core."""
+    states = calvin_initial_states()
+    counts = [len(part) for part in np.array_split(range(num_sequences), len(states))]
+    sequences = [(state, chain) for i, (state, n) in enumerate(zip(states, counts))
+                 for chain in calvin_chains_for_state(i, n)]
+    np.random.RandomState(0).shuffle(sequences)
+    return sequences
+
+
+def fnv1_32(data, seed=2166136261):
+    """32-bit FNV-1 (multiply by the FNV prime, then xor each byte) from `seed`, the FNV offset basis by
+    default."""
+    h = seed
+    for byte in data:
+        h = ((h * 16777619) & 0xFFFFFFFF) ^ byte
+    return h
+
+
+def calvin_reset_seed(state):
+    """The seed of a start scene's reset: pyhash.fnv1_32()(str(state.values())) in utils.py. pyhash (0.9.3,
+    Python 3 on Linux) starts from 0, not from the offset basis, and hashes a str as its UTF-16-LE code
+    units; checked against a pyhash build."""
+    return fnv1_32(str(state.values()).encode("utf-16-le"), seed=0)
+
+
+CALVIN_ROBOT_START = np.array([  # robot_obs of every reset: tcp xyz, tcp euler xyz, gripper width, 7 joints, open
+    0.02586889, -0.2313129, 0.5712808, 3.09045411, -0.02908596, 1.50013585, 0.07999963,
+    -1.21779124, 1.03987629, 2.11978254, -2.34205014, -0.87015899, 1.64119093, 0.55344928, 1.0])
+
+
+def calvin_reset_state(state):
+    """Start scene -> (robot_obs (15,), scene_obs (24,)) as get_env_state_for_initial_condition in utils.py:
+    door, drawer and lights from the scene, blocks on their cabinet side or on one of two table spots (which
+    block gets which spot is shuffled), block yaw uniform in pi/2 +- pi/8, all from the scene's own seed."""
+    rng = np.random.RandomState(calvin_reset_seed(state))
+    slider_left, slider_right = [-0.240851662, 0.0924044687, 0.460990009], [0.070341633, 0.0924044687, 0.460990009]
+    table = [np.array([0.0500000896, -0.120000177, 0.459990009]), np.array([0.229995412, -0.11999514, 0.45999001])]
+    rng.shuffle(table)
+    spot = {"slider_left": slider_left, "slider_right": slider_right}
+    scene = np.zeros(24)  # door, drawer, button, switch, lightbulb, LED, then each block's xyz + euler xyz
+    scene[0] = 0.28 if state["slider"] == "left" else 0.0
+    scene[1] = 0.22 if state["drawer"] == "open" else 0.0
+    scene[3] = 0.088 if state["lightbulb"] == 1 else 0.0
+    scene[4], scene[5] = state["lightbulb"], state["led"]
+    # a block on the table: red on the first spot, pink on the second, blue on whichever red leaves free
+    table_spot = {"red": table[0], "blue": table[1] if state["red_block"] == "table" else table[0], "pink": table[1]}
+    for k, b in enumerate(CALVIN_BLOCKS):
+        scene[6 + 6 * k:9 + 6 * k] = spot.get(state[f"{b}_block"], table_spot[b])
+        scene[11 + 6 * k] = rng.uniform(np.pi / 2 - np.pi / 8, np.pi / 2 + np.pi / 8)
+    return CALVIN_ROBOT_START.copy(), scene
+
+
+def calvin_policy_obs(obs):
+    """calvin_env observation -> the policy's obs dict for one environment."""
+    rgb = obs["rgb_obs"]
+    return {"image_primary": np.ascontiguousarray(rgb["rgb_static"].transpose(2, 0, 1)[None]),  # uint8 (1, 3, 200, 200)
+            "image_wrist": np.ascontiguousarray(rgb["rgb_gripper"].transpose(2, 0, 1)[None]),  # uint8 (1, 3, 84, 84)
+            "state": np.asarray(obs["robot_obs"], np.float32)[None]}  # (1, 15) robot_obs
+
+
+def to_calvin_action(action):
+    """Standard (7,) -> CALVIN's relative action: the 6 pose numbers as they are (rel_actions' scaling; calvin_env
+    multiplies them by 0.02 m and 0.05 rad), gripper +1 open if above 0.5 else -1 closed."""
+    return np.concatenate([action[:6], [1.0 if action[6] > 0.5 else -1.0]]).astype(np.float64)
+
+
+def calvin_rollout(env, oracle, policy, task, ep_len, method):
+    """One subtask from wherever the scene is (evaluate_policy.rollout) -> success. The policy is reset, the
+    oracle compares every step's info with the info at the subtask's start."""
+    obs, instruction = env.get_obs(), CALVIN_INSTRUCTIONS[task]
+    policy.reset(1)
+    start = env.get_info()
+    for _ in range(ep_len):
+        action = check_actions(policy.act(calvin_policy_obs(obs), [instruction]), 1, method)[0]
+        obs, _, _, info = env.step(to_calvin_action(action))
+        if oracle.get_task_info_for_set(start, info, {task}):
+            return True
+    return False
+
+
+def calvin_chain(env, oracle, policy, state, chain, ep_len, method):
+    """One chain (evaluate_sequence) -> number of subtasks done in a row, 0-5. Only the chain's start resets
+    the scene; a subtask starts where the previous one ended."""
+    robot_obs, scene_obs = calvin_reset_state(state)
+    env.reset(robot_obs=robot_obs, scene_obs=scene_obs)
+    for done, task in enumerate(chain):
+        if not calvin_rollout(env, oracle, policy, task, ep_len, method):
+            return done
+    return len(chain)
+
+
+def calvin_metrics(sequences, completed):
+    """The official metrics (count_success, print_and_save): the rate of chains with at least i subtasks
+    done for i = 1..5, the average length (mean subtasks done = the sum of those five rates) and per task its
+    successes out of its attempts (the subtasks done and the one that failed)."""
+    completed = np.asarray(completed)
+    tasks = {}
+    for (_, chain), n in zip(sequences, completed):
+        for k, task in enumerate(chain[:n + 1]):
+            count = tasks.setdefault(task, {"success": 0, "total": 0})
+            count["success"], count["total"] = count["success"] + int(k < n), count["total"] + 1
+    return {"avg_len": float(completed.mean()),
+            "chain_sr": {str(i): float((completed >= i).mean()) for i in range(1, CALVIN_CHAIN + 1)},
+            "task_info": dict(sorted(tasks.items()))}
+
+
+def run_calvin(env, oracle, policy, sequences, ep_len=CALVIN_EP_LEN, method="name"):
+    """Every chain in turn on one environment -> subtasks done per chain; the bar shows the running rates."""
+    completed = []
+    with tqdm(sequences, desc=f"calvin {method}", unit="chain") as bar:
+        for state, chain in bar:
+            completed.append(calvin_chain(env, oracle, policy, state, chain, ep_len, method))
+            bar.set_postfix_str(" ".join(f"{i}/5 {100 * np.mean(np.array(completed) >= i):.0f}%"
+                                         for i in range(1, CALVIN_CHAIN + 1)))
+    return completed
+
+
+def calvin_validation_folder(calvin_data):
+    """--calvin_data (a CALVIN dataset root, or its validation folder) -> the folder get_env reads."""
+    for folder in (os.path.join(calvin_data, "validation"), calvin_data):
+        if os.path.isfile(os.path.join(folder, ".hydra", "merged_config.yaml")):
+            return folder
+    raise EvalError(f"--calvin_data {calvin_data}: no validation/.hydra/merged_config.yaml there; expected a CALVIN "
+                    f"dataset root such as task_ABC_D (the validation folder's config describes the scene, cameras "
+                    f"and robot that calvin_env builds)")
+
+
+def calvin_env_commit(package_dir):
+    """The git commit calvin_env is installed from; an EvalError if it predates the LED reset fix."""
+    git = lambda *args: subprocess.run(["git", "-C", package_dir, *args], capture_output=True, text=True)
+    try:
+        head, fixed = git("rev-parse", "HEAD"), git("merge-base", "--is-ancestor", CALVIN_ENV_FIX, "HEAD")
+    except OSError:  # no git on this machine
+        return "unknown"
+    if head.returncode != 0:  # not installed from a git checkout
+        return "unknown"
+    if fixed.returncode == 1:
+        raise EvalError(f"calvin_env at {package_dir} is at commit {head.stdout.strip()[:7]}, before {CALVIN_ENV_FIX} "
+                        f"(the LED button reset fix, calvin issue 32); expected it at or after: git pull there")
+    return head.stdout.strip()
+
+
+def make_calvin_env(calvin_data):
+    """calvin_env's simulator of the dataset's validation scene with the static and gripper cameras (as GR-1's
+    evaluation builds it; the official make_env also renders the tactile sensors, which no policy here reads)
+    and its task oracle (conf/tasks/new_playtable_tasks.yaml, the same file as calvin's rollout tasks)
+    -> (env, oracle, calvin_env commit)."""
+    try:
+        import calvin_env
+        from calvin_env.envs.play_table_env import get_env
+        from calvin_env.envs.tasks import Tasks
+        from omegaconf import OmegaConf
+    except ImportError as e:
+        raise EvalError(f"{CALVIN_INSTALL} (import failed: {e})")
+    folder, root = calvin_validation_folder(calvin_data), os.path.dirname(os.path.dirname(calvin_env.__file__))
+    tasks = os.path.join(root, "conf", "tasks", "new_playtable_tasks.yaml")
+    if not os.path.isfile(tasks):
+        raise EvalError(f"{CALVIN_INSTALL} (calvin_env at {root} has no conf/tasks/new_playtable_tasks.yaml: "
+                        f"install it editable from the git checkout)")
+    commit = calvin_env_commit(root)
+    env = get_env(folder, obs_space={"rgb_obs": ["rgb_static", "rgb_gripper"], "depth_obs": []}, show_gui=False)
+    oracle = Tasks(OmegaConf.load(tasks).tasks)
+    return env, oracle, commit
+
+
+def check_calvin_args(num_sequences, ep_len):
+    if num_sequences < 1:
+        raise EvalError(f"--num_sequences {num_sequences}: expected at least 1 (the benchmark is {CALVIN_SEQUENCES})")
+    if ep_len < 1:
+        raise EvalError(f"--ep_len {ep_len}: expected at least 1 step per subtask (the benchmark is {CALVIN_EP_LEN})")
+
+
+def evaluate_calvin(policy, calvin_data, out_dir=None, num_sequences=CALVIN_SEQUENCES, ep_len=CALVIN_EP_LEN,
+                    method="name"):
+    """The CALVIN long-horizon benchmark: prints the chain success rates, average length and per-task
+    successes, and returns them; with out_dir, writes results.json there (with every chain's outcome)."""
+    check_calvin_args(num_sequences, ep_len)
+    env, oracle, commit = make_calvin_env(calvin_data)
+    sequences, start = calvin_sequences(num_sequences), time.time()
+    completed = run_calvin(env, oracle, policy, sequences, ep_len, method)
+    results = {"suite": "calvin", "method": method, "num_sequences": num_sequences, "ep_len": ep_len,
+               "calvin_data": calvin_data, "calvin_env_commit": commit, **calvin_metrics(sequences, completed),
+               "chains": [{"state": s, "tasks": list(c), "completed": n} for (s, c), n in zip(sequences, completed)],
+               "seconds": round(time.time() - start, 1)}
+    print_calvin_table(results)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def print_calvin_table(results):
+    print(f"\nCALVIN, {results['num_sequences']} chains of {CALVIN_CHAIN}, {results['ep_len']} steps per subtask "
+          f"({results['method']})")
+    print("tasks done in a row: " + "  ".join(f"{i}: {100 * r:5.1f}%" for i, r in results["chain_sr"].items()))
+    print(f"average length: {results['avg_len']:.3f} (of {CALVIN_CHAIN})\n")
+    width = max(map(len, results["task_info"])) + 2
+    for task, count in results["task_info"].items():
+        success, total = count["success"], count["total"]
+        print(f"{task:<{width}}{success:4d} / {total:<4d} {100 * success / total:5.1f}%")
+
+
+def device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -584,6 +972,12 @@ def main(argv=None):
     e.add_argument("--out", default=None, help="results.json and videos (default: beside the checkpoint)")
     e.add_argument("--seed_offset", type=int, default=0, help="evaluation seeds start at 1_000_000 + this")
     e.add_argument("--no_video", action="store_true", help="skip the per-task rollout GIFs")
+    e.add_argument("--suite", choices=["metaworld", "calvin"], default="metaworld",
+                   help="metaworld (--tasks, --episodes, ...) or the CALVIN long-horizon benchmark (needs calvin_env)")
+    e.add_argument("--calvin_data", default=None, help="CALVIN dataset root whose validation/ folder configures the "
+                                                       "simulator (calvin only)")
+    e.add_argument("--num_sequences", type=int, default=CALVIN_SEQUENCES, help="chains of 5 subtasks (calvin only)")
+    e.add_argument("--ep_len", type=int, default=CALVIN_EP_LEN, help="steps per subtask (calvin only)")
     for s in (c, e):
         s.add_argument("--tasks", default="mt10", help="mt10, mt50 or a comma list of task names")
         s.add_argument("--size", type=int, default=128, help="camera image height and width (pixels)")
@@ -594,10 +988,20 @@ def main(argv=None):
             out, start = args.out or data_dir(args.tasks, args.episodes), time.time()
             path = collect(args.tasks, args.episodes, out, args.size, args.workers)
             print(f"wrote {path} in {(time.time() - start) / 60:.1f} min")
+        elif args.suite == "calvin":
+            check_calvin_args(args.num_sequences, args.ep_len)
+            if args.policy == "expert":
+                raise EvalError("--policy expert: CALVIN has no scripted expert; expected --ckpt or --policy random")
+            if args.calvin_data is None:
+                raise EvalError(f"--calvin_data: required with --suite calvin; {CALVIN_INSTALL}")
+            policy, method = load_policy(args.ckpt, device()) if args.ckpt else (RandomPolicy(), args.policy)
+            out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_calvin") if args.ckpt
+                               else os.path.join("runs", f"eval_calvin_{args.policy}"))
+            evaluate_calvin(policy, args.calvin_data, out, args.num_sequences, args.ep_len, method)
+            print(f"results.json in {out}")
         else:
             if args.ckpt:
-                import torch
-                policy, method = load_policy(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")
+                policy, method = load_policy(args.ckpt, device())
             else:
                 policy, method = (ExpertPolicy() if args.policy == "expert" else RandomPolicy()), args.policy
             out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval") if args.ckpt
