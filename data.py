@@ -374,7 +374,7 @@ STANDARD = {
 }
 STANDARD["droid"] = STANDARD["r2d2_faceblur"]
 STANDARD["fractal_20220817_data"] = STANDARD["fractal20220817_data"]
-KEY_FLAGS = ("image_key", "wrist_key", "state_key", "action_key", "instruction_key")
+KEY_FLAGS = ("image_key", "secondary_key", "wrist_key", "state_key", "action_key", "instruction_key")
 
 
 def mapping_for(name, features, keys=None):
@@ -386,14 +386,15 @@ def mapping_for(name, features, keys=None):
         act = keys["action_key"]
         return Mapping(keys["image_key"], lambda ep: ep[act].reshape(len(ep[act]), -1).astype(np.float32),
                        state=tuple(keys.get("state_key", "").split("+")) if keys.get("state_key") else (),
-                       wrist=keys.get("wrist_key"), instruction=keys.get("instruction_key"))
+                       wrist=keys.get("wrist_key"), secondary=keys.get("secondary_key"),
+                       instruction=keys.get("instruction_key"))
     obs = sorted(k[len("steps/"):] for k in features if k.startswith("steps/observation/"))
     act = sorted(k[len("steps/"):] for k in features if k.startswith("steps/action"))
     raise DataError(
         f"dataset '{name}' is not in data.STANDARD (known: {', '.join(sorted(STANDARD))}).\n"
         f"  observation keys: {', '.join(obs)}\n  action keys: {', '.join(act)}\n"
-        f"Map it with --image_key KEY --action_key KEY [--wrist_key KEY] [--state_key KEY[+KEY]] "
-        f"[--instruction_key KEY] (keys relative to steps/; the action is then used as stored).")
+        f"Map it with --image_key KEY --action_key KEY [--secondary_key KEY] [--wrist_key KEY] "
+        f"[--state_key KEY[+KEY]] [--instruction_key KEY] (keys relative to steps/; the action is then used as stored).")
 
 
 def _text(ep, spec):
@@ -649,18 +650,28 @@ class Mixture(torch.utils.data.Dataset):
       action_pad    bool  (T, K)        action repeats and action_pad is True
       instruction   str; language_embedding float32 (D,) when every source has one
       goal_image_primary   uint8 (3, H, W)     if goal_last: uniform among the last goal_last frames, never before t
-      future_image_primary uint8 (T, 3, H, W)  if future: frame t + future per history step (clamped to the end)
+      future_image_<view>  uint8 (T, 3, H, W)  if future: frame t + future per history step (clamped to the end),
+                                               for primary and every requested view
       future_pad    bool (T,)           True where t + future is past the episode end
       dataset_id, episode, step   int
+      views_present bool (V,)           if missing_views="zeros": which of `views` the source has
+
+    missing_views: "error" (default) refuses a source that lacks a requested view; "zeros" gives such a
+    source all-zero frames for that view and marks it False in views_present (mixtures of embodiments
+    with different cameras, e.g. HPT's per-embodiment stems).
     """
 
     def __init__(self, sources, weights=None, history=1, chunk=1, image_size=224, views=("primary",),
-                 goal_last=0, future=0, seed=0):
+                 goal_last=0, future=0, seed=0, missing_views="error"):
         self.sources = sources
+        if missing_views not in ("error", "zeros"):
+            raise DataError(f"missing_views='{missing_views}': expected 'error' or 'zeros'")
         for s in sources:
             missing = [v for v in views if v not in s.views]
-            if missing:
-                raise DataError(f"{s.name}: no {missing} camera; it has {s.views} (views asked: {list(views)})")
+            if missing and missing_views == "error":
+                raise DataError(f"{s.name}: no {missing} camera; it has {s.views} (views asked: {list(views)}; "
+                                f"missing_views='zeros' gives zero frames instead)")
+        self.missing_views = missing_views
         sizes = np.array([len(s) for s in sources], np.float64)
         w = sizes if weights is None else np.asarray(weights, np.float64)
         if len(w) != len(sources) or (w < 0).any() or w.sum() <= 0:
@@ -679,6 +690,8 @@ class Mixture(torch.utils.data.Dataset):
         return sum(len(s) for s in self.sources)
 
     def _frames(self, src, view, idx):  # (n,) global step indices -> uint8 (n, 3, H, W), each decoded once
+        if view not in src.views:  # only with missing_views="zeros" (checked in __init__)
+            return torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8)
         cache = {i: src.image(view, i) for i in dict.fromkeys(idx.tolist())}
         out = [cache[i] for i in idx.tolist()]
         out = [TF.resize(x, list(self.size), antialias=True) if tuple(x.shape[1:]) != self.size else x for x in out]
@@ -701,6 +714,8 @@ class Mixture(torch.utils.data.Dataset):
                   "instruction": src.instructions[src.instruction[e]], "dataset_id": sid, "episode": e, "step": t}
         for view in self.views:
             sample[f"image_{view}"] = self._frames(src, view, base + obs_t)
+        if self.missing_views == "zeros":
+            sample["views_present"] = torch.tensor([v in src.views for v in self.views])
         if self.has_embedding:
             sample["language_embedding"] = torch.from_numpy(np.array(src.embedding[e], np.float32))
         if self.goal_last:
@@ -709,7 +724,8 @@ class Mixture(torch.utils.data.Dataset):
             sample["goal_image_primary"] = self._frames(src, "primary", np.array([base + goal]))[0]
         if self.future:
             fut = obs_t + self.future
-            sample["future_image_primary"] = self._frames(src, "primary", base + np.minimum(fut, length - 1))
+            for view in dict.fromkeys(("primary",) + tuple(self.views)):
+                sample[f"future_image_{view}"] = self._frames(src, view, base + np.minimum(fut, length - 1))
             sample["future_pad"] = torch.from_numpy(fut >= length)
         return sample
 
@@ -794,7 +810,8 @@ def _is_number(s):
 
 
 def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
-    """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed."""
+    """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed,
+    missing_views."""
     paths, given = parse_sources(spec)
     sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
     return Mixture(sources, weights=weights if weights is not None else given, **window)
