@@ -56,12 +56,14 @@ class CheckpointError(ValueError):
 
 
 def parse_args(*configs, parser=None, argv=None):
-    """One --flag per dataclass field (defaults from the given instances). Returns (args, configs)."""
+    """One --flag per dataclass field (defaults from the given instances), except fields marked
+    field(metadata={"from_data": True}), which a method sets from its data. Returns (args, configs)."""
     parser = parser or argparse.ArgumentParser()
     seen = {a.dest for a in parser._actions}
+    flags = lambda c: [f for f in fields(c) if not f.metadata.get("from_data")]
     for cfg in configs:
         group = parser.add_argument_group(type(cfg).__name__)
-        for f in fields(cfg):
+        for f in flags(cfg):
             if f.name in seen:
                 raise ValueError(f"--{f.name} is defined twice ({type(cfg).__name__} and another config)")
             seen.add(f.name)
@@ -74,7 +76,7 @@ def parse_args(*configs, parser=None, argv=None):
                 group.add_argument(f"--{f.name}", type=type(default) if default is not None else str, default=default)
     args = parser.parse_args(argv)
     out = [replace(c, **{f.name: type(getattr(c, f.name))(getattr(args, f.name))
-                         if isinstance(getattr(c, f.name), tuple) else getattr(args, f.name) for f in fields(c)})
+                         if isinstance(getattr(c, f.name), tuple) else getattr(args, f.name) for f in flags(c)})
            for c in configs]
     return args, out
 
