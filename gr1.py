@@ -782,7 +782,7 @@ def main():
     p.add_argument("--render", metavar="CKPT", help="only write predicted vs real frames of CKPT for --data")
     p.add_argument("--eval_tasks", default="mt10" if gpu else "reach-v3,push-v3,pick-place-v3")
     p.add_argument("--eval_episodes", type=int, default=None,
-                   help="MetaWorld episodes per task after training (default: 10 on a GPU, 1 on a CPU, with the "
+                   help="MetaWorld episodes per task after training (default: 10 on a GPU, 2 on a CPU, with the "
                         "default MetaWorld data only; 0 skips)")
     known = p.parse_known_args()[0]
     small = not gpu and not known.mae_ckpt and not known.gr1_ckpt
@@ -793,8 +793,8 @@ def main():
     tcfg = train.TrainConfig(out_dir="runs/gr1", steps=40_000, batch_size=456, grad_accum=3, lr=9e-4, min_lr=0.0,
                              warmup=2_000, weight_decay=1e-4, grad_clip=0.0, ckpt_every=2_000, log_every=50)
     if not gpu:  # a short run from scratch: a higher lr, a 10% warm-up, clipping as a guard (official: none)
-        tcfg = train.TrainConfig(out_dir="runs/gr1", steps=250, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=25,
-                                 weight_decay=1e-4, grad_clip=1.0, ckpt_every=50, log_every=10)
+        tcfg = train.TrainConfig(out_dir="runs/gr1", steps=1000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=100,
+                                 weight_decay=1e-4, grad_clip=1.0, ckpt_every=250, log_every=10)
     args, (cfg, tcfg) = train.parse_args(cfg, tcfg, parser=p)
     if cfg.variant == "gr-1" and cfg.chunk_size != 1:
         raise SystemExit("gr1.py: --variant gr-1 is Bytedance's single-action GR-1: add --chunk_size 1")
@@ -848,7 +848,7 @@ def main():
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         render(model, batch, inputs, os.path.join(tcfg.out_dir, "predictions.png"))
         log(f"gr1: predicted vs real frames t+{cfg.future} in {os.path.join(tcfg.out_dir, 'predictions.png')}")
-    episodes = args.eval_episodes if args.eval_episodes is not None else (10 if gpu else 1) * (args.data is None)
+    episodes = args.eval_episodes if args.eval_episodes is not None else (10 if gpu else 2) * (args.data is None)
     if rank0 and episodes > 0 and not cfg.pretrain:
         eval_sim.evaluate(Policy(model, ds.stats, args.clip_ckpt), args.eval_tasks, episodes,
                           out_dir=os.path.join(tcfg.out_dir, "eval"), method="gr1", size=128)

@@ -454,7 +454,7 @@ def embodiments_of(ds, views):
 # ---------------------------------------------------------------------------------------------------
 # 7. Command line: data -> train -> evaluate in MetaWorld
 
-CPU_STEPS, CPU_BATCH = 300, 32  # the CPU default run (see main)
+CPU_STEPS, CPU_BATCH = 600, 32  # the CPU default run (see main)
 
 
 def main():
