@@ -1,0 +1,252 @@
+"""bench.py: how fast nanorobot trains, reads data and evaluates, measured on this machine.
+
+    python bench.py                        # every method at its paper configuration, data.py, eval_sim
+    python bench.py --methods rt1,hpt-base --steps 20
+    python bench.py --quick                # tiny configurations on the CPU in under a minute (tests/test_bench.py)
+    python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
+
+Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
+and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
+method's loss reads (random pixels and actions: this measures the model, not the data, which has its own row).
+FLOPs are counted with torch.utils.flop_counter over one training step (forward + backward); MFU is the
+counted FLOP/s over the GPU's dense bf16 peak from the PEAK table ("-" for a CPU or an unknown GPU). Frozen
+parts (GR-1's MAE, HPT's ResNet-18 when frozen) run their forward inside the step and count.
+"""
+import argparse
+import contextlib
+import io
+import os
+import time
+
+import torch
+import torch.utils.flop_counter
+
+PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per GPU (SXM datasheets)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic batches in data.py's layout
+
+def stats(state_dim, action_dim, name="bench"):
+    """Statistics as data.py writes them: every dimension in [-1, 1]."""
+    part = lambda n: {"mean": [0.0] * n, "std": [1.0] * n, "min": [-1.0] * n, "max": [1.0] * n,
+                      "q01": [-1.0] * n, "q99": [1.0] * n}
+    return {"name": name, "num_episodes": 1, "num_steps": 1, "dataset_id": 0, "state": part(state_dim),
+            "action": part(action_dim)}
+
+
+def batch(B, T=1, K=1, size=224, state_dim=7, views=("primary",), goal=False, future=False, seed=0):
+    """A training batch of data.py's standard keys, random but well-formed (gripper 0/1, no padding)."""
+    g = torch.Generator().manual_seed(seed)
+    image = lambda *shape: torch.randint(0, 256, (*shape, 3, size, size), dtype=torch.uint8, generator=g)
+    action = torch.rand(B, T, K, 7, generator=g) * 2 - 1
+    action[..., 6] = action[..., 6] > 0
+    out = {"state": torch.rand(B, T, state_dim, generator=g) * 2 - 1, "action": action,
+           "obs_pad": torch.zeros(B, T, dtype=torch.bool), "action_pad": torch.zeros(B, T, K, dtype=torch.bool),
+           "instruction": ["pick up the block"] * B, "dataset_id": torch.zeros(B, dtype=torch.long)}
+    for v in views:
+        out[f"image_{v}"] = image(B, T)
+        if future:
+            out[f"future_image_{v}"] = image(B, T)
+    if future:
+        out["future_pad"] = torch.zeros(B, T, dtype=torch.bool)
+    if goal:
+        out["goal_image_primary"] = image(B)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# One case per method: (model, loss_fn, batch) at the paper configuration, or tiny with quick
+
+def rt1_case(B, quick):
+    import rt1
+    cfg = rt1.Config(image_size=32, history=2, width_mult=0.1, depth_mult=0.1, lang_dim=16, tokens_per_image=4,
+                     d_model=32, layers=2, heads=2, head_dim=16) if quick else rt1.Config()
+    tokenizer = rt1.ActionTokenizer([stats(7, 7)], cfg.bins)
+    return (rt1.RT1(cfg, vocabulary=["pick up the block"]), lambda m, b: rt1.loss(m, b, tokenizer),
+            batch(B, cfg.history, size=cfg.image_size))
+
+
+def gcbc_case(B, quick):
+    import gcbc
+    cfg = gcbc.Config(image_size=32, width=8, stage_sizes=(1, 1, 1, 1), mlp_dims=(16, 16)) if quick else gcbc.Config()
+    norm = gcbc.ActionNorm([stats(7, 7)])
+    return gcbc.GCBC(cfg), lambda m, b: gcbc.loss(m, b, norm), batch(B, size=cfg.image_size, goal=True)
+
+
+def hpt_case(size):
+    def case(B, quick):
+        import hpt
+        cfg = hpt.Config(image_size=32, history=2, chunk=4, size=size) if quick else \
+            hpt.Config(size=size, history=4)  # the pretraining horizons: 4 observations, chunks of 8
+        s = [stats(7, 7)]
+        norm = {"state": hpt.Limits(s, "state", 7), "action": hpt.Limits(s, "action", 7)}
+        model = hpt.HPT(cfg, [{"name": "bench", "state_dim": 7, "action_dim": 7, "views": [0]}])
+        return (model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]),
+                batch(B, cfg.history, cfg.chunk, cfg.image_size))
+    return case
+
+
+def gr1_case(B, quick):
+    import gr1
+    cfg = gr1.Config(chunk_size=3, history=3, image_size=32, d_model=32, layers=2, heads=2, mlp=64, patch=8,
+                     vit_dim=24, vit_layers=1, vit_heads=2, resampler_depth=1, resampler_heads=2,
+                     resampler_dim_head=8, latents=3, lang_dim=16, decoder_layers=1, decoder_heads=2) if quick \
+        else gr1.Config()
+    inputs = gr1.Inputs([stats(7, 7)])
+    return (gr1.GR1(cfg, ["pick up the block"]), lambda m, b: gr1.loss(m, b, inputs, cfg),
+            batch(B, cfg.history, cfg.chunk_size, cfg.image_size, views=("primary", "wrist"), future=True))
+
+
+def mcr_case(B, quick):
+    import mcr
+    cfg = mcr.Config(size=18, image_size=32) if quick else mcr.Config()
+    g = torch.Generator().manual_seed(0)
+    b = {"images": torch.randint(0, 256, (B, 5, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g),
+         "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g), "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
+    return mcr.MCR(cfg), lambda m, x: mcr.loss(m, x, cfg), b
+
+
+# name -> (case, per-device batch on a GPU); the GPU batches are the papers' per-GPU batches where known
+CASES = {"rt1": (rt1_case, 32), "gcbc": (gcbc_case, 36), "hpt-base": (hpt_case("base"), 256),
+         "hpt-large": (hpt_case("large"), 256), "gr1": (gr1_case, 19), "mcr": (mcr_case, 32)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements
+
+def step_fn(model, loss_fn, opt, amp, device):
+    def step(b):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(model, b)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def train_flops(model, loss_fn, b):
+    """FLOPs of one training step's forward and backward (the optimiser's are negligible)."""
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with counter:
+        loss_fn(model, b)[0].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def samples_per_s(step, b, B, steps, device):
+    step(b)  # warm-up (and compilation)
+    step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return B * steps / (time.perf_counter() - start)
+
+
+def bench_method(name, B, steps, quick, device, amp, compiles):
+    """-> dict of the row: parameters, samples/s (eager, compiled), peak memory, FLOPs per sample, MFU."""
+    import train
+    case, _ = CASES[name]
+    torch.manual_seed(0)
+    model, loss_fn, b = case(B, quick)
+    model.to(device).train()
+    b = train.to_device(b, device)
+    row = {"method": name, "batch": B, "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    row["flops"] = train_flops(model, loss_fn, b) / B
+    opt = train.make_optimizer(model, train.TrainConfig(), device)
+    for compiled in compiles:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        net = torch.compile(model) if compiled else model
+        try:
+            sps = samples_per_s(step_fn(net, loss_fn, opt, amp, device), b, B, steps, device)
+        except Exception as e:  # e.g. no C++ compiler for inductor on this machine
+            sps, row["note"] = None, f"compile failed: {type(e).__name__}"
+        row["compiled" if compiled else "eager"] = sps
+        if device.type == "cuda" and not compiled:
+            row["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    peak = next((v for k, v in PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    best = max((row.get(k) or 0) for k in ("eager", "compiled"))
+    row["mfu"] = row["flops"] * best / peak if peak else None
+    return row
+
+
+def bench_data(path, quick):
+    """data.py: decoded + resized frames/s through the DataLoader (real files, all workers)."""
+    import data
+    try:
+        ds = data.load(path, image_size=64 if quick else 224)
+    except data.DataError as e:
+        raise SystemExit(f"bench.py: --data: {e}") from None
+    batches, B = (3, 8) if quick else (30, 32)
+    it = iter(data.loader(ds, B, num_workers=0 if quick else None))
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * B / (time.perf_counter() - start)
+
+
+def bench_eval(quick):
+    """eval_sim: episodes/min of the random policy on reach-v3 (every episode runs the full 500 steps)."""
+    import eval_sim
+    episodes = 1 if quick else 4
+    with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own success table
+        results = eval_sim.evaluate(eval_sim.RandomPolicy(), "reach-v3", episodes, video=False, method="random",
+                                    workers=1 if quick else None)
+    return results["episodes_per_minute"]
+
+
+def fmt(x, spec):  # spec like "10.1f": a right-aligned "-" of the same width for a missing value
+    return f"{'-':>{int(spec.split('.')[0])}}" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny configurations on the CPU (a smoke test, < 1 min)")
+    p.add_argument("--methods", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--batch", type=int, default=None, help="per-device batch (default: the paper's on a GPU, "
+                   "2 on a CPU, 4 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10 on a GPU, 2 on a CPU)")
+    p.add_argument("--data", default=None, help="data.py source for the data row (default: the MetaWorld data)")
+    p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in CASES]
+    if unknown:
+        raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    compiles = (False,) if args.quick else (False, True)
+    steps = args.steps or (10 if device.type == "cuda" else 2)
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"bench: {machine} | {'bf16 autocast' if amp else 'fp32'} | torch {torch.__version__} | "
+          f"{steps} timed steps per row{' | quick: tiny configurations' if args.quick else ''}")
+
+    rows = []
+    for name in args.methods.split(","):
+        B = args.batch or (4 if args.quick else CASES[name][1] if device.type == "cuda" else 2)
+        rows.append(bench_method(name, B, steps, args.quick, device, amp, compiles))
+    print(f"\n{'method':<10} {'batch':>5} {'params':>12} {'GFLOP/sample':>12} {'samples/s':>10} "
+          f"{'compiled':>9} {'peak GB':>8} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['method']:<10} {r['batch']:>5} {r['params']:>12,} {r['flops'] / 1e9:>12.2f} {fmt(r['eager'], '10.1f')} "
+              f"{fmt(r.get('compiled'), '9.1f')} {fmt(r.get('memory_gb'), '8.1f')} {fmt(r['mfu'], '6.1%')}"
+              f"{'  ' + r['note'] if 'note' in r else ''}")
+
+    import eval_sim
+    path = args.data or os.path.join(eval_sim.data_dir("mt10", 50), eval_sim.VERSION)
+    if os.path.exists(path):
+        print(f"\ndata.py: {bench_data(path, args.quick):,.0f} samples/s (1 frame each) from {path}")
+    else:
+        print(f"\ndata.py: skipped ({path} not found: give --data or run python eval_sim.py collect)")
+    if not args.no_eval:
+        print(f"eval_sim: {bench_eval(args.quick):.1f} episodes/min (random policy, reach-v3, 500 steps each)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
