@@ -182,13 +182,8 @@ def bench_data(path, quick):
         ds = data.load(path, image_size=64 if quick else 224)
     except data.DataError as e:
         raise SystemExit(f"bench.py: --data: {e}") from None
-    batches, B = (3, 8) if quick else (30, 32)
-    it = iter(data.loader(ds, B, num_workers=0 if quick else None))
-    next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * B / (time.perf_counter() - start)
+    samples_per_s, _, _ = data.bench(ds, *((8, 3) if quick else (32, 30)), workers=0 if quick else None)
+    return samples_per_s
 
 
 def bench_eval(quick):

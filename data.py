@@ -852,6 +852,7 @@ def summary(ds):
 
 
 def bench(ds, batch_size=32, batches=30, workers=None):
+    """Read speed through the DataLoader -> (samples/s, decoded+resized frames/s, workers used)."""
     dl = loader(ds, batch_size, num_workers=workers)
     it = iter(dl)
     next(it)  # start the workers
@@ -860,8 +861,7 @@ def bench(ds, batch_size=32, batches=30, workers=None):
         next(it)
     dt = time.time() - t0
     frames = batch_size * batches * ds.history * len(ds.views)
-    print(f"{batch_size * batches / dt:,.0f} samples/s, {frames / dt:,.0f} decoded+resized frames/s "
-          f"({dl.num_workers} workers, {ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)})")
+    return batch_size * batches / dt, frames / dt, dl.num_workers
 
 
 def main(argv=None):
@@ -879,7 +879,11 @@ def main(argv=None):
                   history=args.history, views=tuple(args.views.split(",")))
     except DataError as e:
         sys.exit(f"data.py: {e}")
-    bench(ds, workers=args.workers) if args.bench else summary(ds)
+    if not args.bench:
+        return summary(ds)
+    samples, frames, workers = bench(ds, workers=args.workers)
+    print(f"{samples:,.0f} samples/s, {frames:,.0f} decoded+resized frames/s ({workers} workers, "
+          f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)})")
 
 
 if __name__ == "__main__":
