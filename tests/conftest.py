@@ -157,3 +157,14 @@ def calvin_path(tmp_path_factory) -> Path:
     _timed("calvin training", fixtures.write_calvin, root, split="training")
     _timed("calvin validation", fixtures.write_calvin, root, num_frames=124, split="validation")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than on two cores shared with other work
+    (used by the method tests through pytestmark)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ TINY = gr1.Config(chunk_size=3, history=3, image_size=32, d_model=32, layers=2, 
 VOCAB = ["close the drawer", "open the drawer"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def tiny(cfg=TINY, seed=0, table=None):

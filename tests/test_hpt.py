@@ -25,13 +25,7 @@ EMBODIMENTS = [{"name": "two_cams", "state_dim": 7, "action_dim": 7, "views": [0
                {"name": "one_cam", "state_dim": 4, "action_dim": 4, "views": [0]}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread than on two cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def stats(name, state_lo, state_hi, action_lo, action_hi):

@@ -19,13 +19,7 @@ TINY = rt1.Config(image_size=32, history=3, width_mult=0.1, depth_mult=0.1, lang
 VOCAB = ["close the door", "open the door"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def tiny(cfg=TINY, vocabulary=VOCAB, seed=0):
