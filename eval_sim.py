@@ -705,10 +705,11 @@ def calvin_next_state(state, task):
 
 
 @functools.lru_cache
+@functools.lru_cache
 def calvin_scene_graph():
     """Every symbolic scene reachable from the 192 start scenes (they come first, 2160 in all) and
     table[scene, task]: the index of the scene after the task, or -1 where calvin_next_state gives None.
-    An extra last row of -1 keeps a failed chain failed (index -1 reads it)."""
+    An extra last row of -1 keeps a failed chain failed (index -1 reads it). Built once; callers only read it."""
     scenes = calvin_initial_states()
     index = {tuple(scene.values()): i for i, scene in enumerate(scenes)}
     table = []
