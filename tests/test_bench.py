@@ -20,3 +20,12 @@ def test_flop_count_of_a_linear_layer():
     x = torch.randn(3, 8)
     flops = bench.train_flops(model, lambda m, b: (m(b).square().sum(), {}), x)
     assert flops == 2 * (2 * 3 * 8 * 4)  # the forward and the weight's gradient, 2 B in out each (x needs none)
+
+
+def test_flop_count_of_a_depthwise_convolution_is_not_counted_as_dense():
+    import torch
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    flops = bench.train_flops(conv, lambda m, b: (m(b).sum(), {}), x)
+    forward = 2 * 2 * 16 * 9 * 8 * 8  # 2 B C k^2 H W: one 3x3 filter per channel
+    assert flops == 3 * forward  # forward, input gradient, weight gradient (torch's own formula counts 18 forwards)
