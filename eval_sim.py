@@ -705,7 +705,6 @@ def calvin_next_state(state, task):
 
 
 @functools.lru_cache
-@functools.lru_cache
 def calvin_scene_graph():
     """Every symbolic scene reachable from the 192 start scenes (they come first, 2160 in all) and
     table[scene, task]: the index of the scene after the task, or -1 where calvin_next_state gives None.
