@@ -638,6 +638,22 @@ class Source:
 # ---------------------------------------------------------------------------------------------------
 # 6. Windows: the standard training sample (DESIGN.md)
 
+INTERPOLATIONS = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+
+
+def resize(x, size, interpolation="bilinear"):
+    """uint8 (..., 3, h, w) -> uint8 (..., 3, *size), antialiased. Bilinear runs on uint8 (torchvision's fast
+    path); bicubic runs on float and is rounded back, within half a level of the float resize that GR-1's and
+    GC-BC's official preprocessing use (they keep the float; we store uint8)."""
+    size = [size, size] if isinstance(size, int) else list(size)
+    if list(x.shape[-2:]) == size:
+        return x
+    if interpolation == "bilinear":
+        return TF.resize(x, size, antialias=True)
+    y = TF.resize(x.float(), size, interpolation=INTERPOLATIONS[interpolation], antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class Mixture(torch.utils.data.Dataset):
     """Windows over one or more sources. An item is (source id, step index, stream position), as the
     Sampler below yields them; the position seeds the sample's own randomness (goal choice).
@@ -662,8 +678,11 @@ class Mixture(torch.utils.data.Dataset):
     """
 
     def __init__(self, sources, weights=None, history=1, chunk=1, image_size=224, views=("primary",),
-                 goal_last=0, future=0, seed=0, missing_views="error"):
+                 goal_last=0, future=0, seed=0, missing_views="error", interpolation="bilinear"):
         self.sources = sources
+        if interpolation not in INTERPOLATIONS:
+            raise DataError(f"interpolation='{interpolation}': expected one of {list(INTERPOLATIONS)}")
+        self.interpolation = interpolation
         if missing_views not in ("error", "zeros"):
             raise DataError(f"missing_views='{missing_views}': expected 'error' or 'zeros'")
         for s in sources:
@@ -694,8 +713,7 @@ class Mixture(torch.utils.data.Dataset):
             return torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8)
         cache = {i: src.image(view, i) for i in dict.fromkeys(idx.tolist())}
         out = [cache[i] for i in idx.tolist()]
-        out = [TF.resize(x, list(self.size), antialias=True) if tuple(x.shape[1:]) != self.size else x for x in out]
-        return torch.stack(out)
+        return torch.stack([resize(x, self.size, self.interpolation) for x in out])
 
     def __getitem__(self, item):
         sid, i, position = item
@@ -811,7 +829,7 @@ def _is_number(s):
 
 def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
     """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed,
-    missing_views."""
+    missing_views, interpolation ("bilinear" or "bicubic")."""
     paths, given = parse_sources(spec)
     sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
     return Mixture(sources, weights=weights if weights is not None else given, **window)

@@ -326,3 +326,16 @@ def test_summary_and_bench_run(bridge_path, capsys):
     assert "episodes 25" in out and "instruction(s)" in out and "action q99" in out
     data.main([str(bridge_path), "--bench", "--image_size", "32", "--workers", "0"])
     assert "frames/s" in capsys.readouterr().out
+
+
+def test_bicubic_resize_is_the_float_resize_rounded(bridge_path):
+    """GR-1 and GC-BC resize as their official preprocessing does: bicubic on float (issue 14.5)."""
+    bil = window(bridge_path, image_size=48)[(0, 13, 0)]["image_primary"]
+    ds = window(bridge_path, image_size=48, interpolation="bicubic")
+    bic = ds[(0, 13, 0)]["image_primary"]
+    raw = ds.sources[0].image("primary", 13)[None].float()                      # (1, 3, h, w) native size
+    ref = torch.nn.functional.interpolate(raw, size=(48, 48), mode="bicubic", antialias=True, align_corners=False)
+    assert bic.dtype == torch.uint8 and (bic[0].float() - ref[0].clamp(0, 255)).abs().max() <= 0.5
+    assert (bic.int() - bil.int()).abs().max() > 0  # not the bilinear frames
+    with pytest.raises(data.DataError, match="interpolation='nearest'"):
+        window(bridge_path, interpolation="nearest")
