@@ -215,10 +215,17 @@ def contrastive(positive, negatives):
 def tcn_loss(e0, e1, e2, negatives):
     """R3M's time-contrastive loss on s0 < s1 <= s2: e1 must be closer to the anchor e2 than e0 is, and closer
     to the anchor e0 than e2 is; each anchor also gets `negatives` frames of other samples (batch shuffles
-    with torch.randperm, which may pick the sample itself, as the official code). (B, D) x 3 -> loss, accuracy."""
+    with torch.randperm, which may pick the sample itself, as the official code). (B, D) x 3 -> loss, accuracy.
+    The shuffles are drawn as the official Trainer.update draws them, so a seeded step gives the same
+    negatives: one loop, a permutation for e0 then one for e2 in every pass, from the CPU generator
+    (torch.randperm without a device, also when the features are on a GPU)."""
     sim_02, sim_12, sim_01 = similarity(e2, e0), similarity(e2, e1), similarity(e1, e0)
-    neg0 = torch.stack([similarity(e0, e0[torch.randperm(len(e0), device=e0.device)]) for _ in range(negatives)], -1)
-    neg2 = torch.stack([similarity(e2, e2[torch.randperm(len(e2), device=e2.device)]) for _ in range(negatives)], -1)
+    neg0, neg2 = [], []
+    for _ in range(negatives):
+        perm0, perm2 = torch.randperm(len(e0)), torch.randperm(len(e2))  # (B,) each, in this order
+        neg0.append(similarity(e0, e0[perm0.to(e0.device)]))
+        neg2.append(similarity(e2, e2[perm2.to(e2.device)]))
+    neg0, neg2 = torch.stack(neg0, -1), torch.stack(neg2, -1)  # (B, negatives)
     loss2 = contrastive(sim_12, torch.cat([sim_02[:, None], neg2], -1))  # anchor e2: e1 positive, e0 negative
     loss0 = contrastive(sim_01, torch.cat([sim_02[:, None], neg0], -1))  # anchor e0: e1 positive, e2 negative
     aligned = ((sim_02 < sim_12) & (sim_01 > sim_02)).float().mean()

@@ -65,6 +65,35 @@ def test_time_contrastive_loss_by_hand():
     assert wrong.item() == 0.0
 
 
+def official_tcn(e0, e1, e2, perms0, perms2):
+    """The official Trainer.update's time-contrastive loss with the given shuffles, written out."""
+    sim = lambda a, b: -torch.linalg.norm(a - b, dim=-1)
+    neg0 = torch.stack([sim(e0, e0[p]) for p in perms0], -1)
+    neg2 = torch.stack([sim(e2, e2[p]) for p in perms2], -1)
+    sim_0_2, sim_1_2, sim_0_1 = sim(e2, e0), sim(e2, e1), sim(e1, e0)
+    loss1 = -torch.log(1e-8 + sim_1_2.exp() / (1e-8 + sim_0_2.exp() + sim_1_2.exp() + neg2.exp().sum(-1)))
+    loss2 = -torch.log(1e-8 + sim_0_1.exp() / (1e-8 + sim_0_1.exp() + sim_0_2.exp() + neg0.exp().sum(-1)))
+    return ((loss1 + loss2) / 2).mean()
+
+
+def test_time_contrastive_negatives_are_drawn_in_the_official_order():
+    g = torch.Generator().manual_seed(0)
+    e0, e1, e2 = (0.3 * torch.randn(8, 4, generator=g) for _ in range(3))  # close: the negatives count
+    torch.manual_seed(5)
+    loss, _ = mcr.tcn_loss(e0, e1, e2, negatives=3)
+    # the official loop: for each negative, torch.randperm for es0, then torch.randperm for es2
+    torch.manual_seed(5)
+    perms0, perms2 = [], []
+    for _ in range(3):
+        perms0.append(torch.randperm(8))
+        perms2.append(torch.randperm(8))
+    assert loss.item() == pytest.approx(official_tcn(e0, e1, e2, perms0, perms2).item(), rel=1e-6)
+    # the order this file used before: the three shuffles of e0, then the three of e2 (another loss)
+    torch.manual_seed(5)
+    perms = [torch.randperm(8) for _ in range(6)]
+    assert abs(loss.item() - official_tcn(e0, e1, e2, perms[:3], perms[3:]).item()) > 1e-3
+
+
 def test_alignment_loss_minimum_at_perfect_alignment_and_a_case_by_hand():
     e0, e2 = torch.zeros(4, 8), torch.full((4, 8), 10.0)  # the two steps 10 * sqrt(8) apart
     best, acc = mcr.alignment_loss(e0, e2, z0=e0.clone(), z2=e2.clone())
