@@ -19,6 +19,7 @@ follows the code and says so (facts: ../shared/specs/hpt_mcr.md, Part B).
 
     from mcr import load_encoder; net = load_encoder("encoder.pt")  # torchvision ResNet, fc = Identity
     features = net(preprocess(uint8_images))                        # (N, 2048): the inputs MCR trained on
+    model, step = load_snapshot("snapshot.pt")  # an official training snapshot: encoder, state encoder, actor
 """
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -261,7 +262,7 @@ def loss(model, batch, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. The encoder in and out: plain torchvision layout, official layouts
+# 4. The encoder in and out (plain torchvision layout, official layouts); the whole official snapshot in
 
 def encoder_state_dict(obj, where="encoder"):
     """The ResNet's state_dict from any of: a plain torchvision ResNet state_dict without fc.* (mcr.py
@@ -300,6 +301,43 @@ def load_encoder(path):
     net = resnet(resnet_depth(state, str(path)))
     net.load_state_dict(state)
     return net.eval()
+
+
+def snapshot_config(state, cfg, where="snapshot"):
+    """cfg with what an MCR state_dict fixes: the ResNet depth, the state encoder's hidden width, and which
+    heads exist. The loss weights are not saved; the official code builds a head only for a positive weight,
+    so a head in the file keeps cfg's weight (1, train_mcr.sh's, where cfg has 0) and a missing one gets 0."""
+    convnet = {k.removeprefix("convnet."): v for k, v in state.items() if k.startswith("convnet.")}
+    cfg = replace(cfg, size=resnet_depth(convnet, where),
+                  align_weight=(cfg.align_weight or 1.0) if "state_encoder.0.weight" in state else 0.0,
+                  bc_weight=(cfg.bc_weight or 1.0) if "bc_trunk.0.weight" in state else 0.0)
+    if cfg.align_weight > 0:
+        hidden, chunk = state["state_encoder.0.weight"].shape
+        if chunk != cfg.chunk_dim:
+            raise ValueError(f"{where}: state_encoder.0.weight takes a {chunk}-d dynamics chunk, the config gives "
+                             f"{cfg.chunk_dim} (window {cfg.window} x state_dim {cfg.state_dim} + {cfg.window - 1} "
+                             f"x action_dim {cfg.action_dim}): pass a matching Config")
+        cfg = replace(cfg, hidden_dim=hidden)
+    return cfg
+
+
+def load_snapshot(path, cfg=None):
+    """The whole MCR model (encoder, state encoder, actor) from an official training snapshot, as the official
+    train_representation.py saves it: snapshot.pt = {"mcr": DataParallel state_dict, "global_step"},
+    snapshot_<step>.pt = {"mcr": ...}, keys `module.convnet.…`, `module.state_encoder.…`. cfg (default: the
+    paper's run, DROID's 56-d chunk) gives what the file does not hold (see snapshot_config). Returns
+    (MCR in eval mode on the CPU, global_step or None)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such snapshot file") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("mcr"), dict):
+        raise ValueError(f"{path}: expected an official MCR training snapshot {{'mcr': state_dict, 'global_step'}}, "
+                         f"got {type(obj).__name__}" + (f" with keys {list(obj)[:4]}" if isinstance(obj, dict) else ""))
+    state = {k.removeprefix("module."): v for k, v in obj["mcr"].items()}  # DataParallel's prefix
+    model = MCR(snapshot_config(state, cfg or Config(), str(path)))
+    model.load_state_dict(state)
+    return model.eval(), obj.get("global_step")
 
 
 # ---------------------------------------------------------------------------------------------------

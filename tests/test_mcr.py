@@ -271,9 +271,44 @@ def test_export_loads_into_plain_torchvision_resnet50_and_official_layouts_load(
                    tmp_path / "snapshot.pt")
         for name in ("encoder.pt", "snapshot.pt", "ckpt.pt"):
             assert torch.equal(mcr.load_encoder(tmp_path / name)(mcr.preprocess(x)), expected), name
-    # the whole snapshot also loads into MCR, strictly: same module names as the official class
-    snapshot = torch.load(tmp_path / "snapshot.pt", weights_only=True)["mcr"]
-    model.load_state_dict({k.removeprefix("module."): v for k, v in snapshot.items()})
+
+
+def official_snapshot(model, path, step=None):
+    """What the official Workspace.save_snapshot writes: {"mcr": DataParallel(model).state_dict()}, plus
+    "global_step" in snapshot.pt (not in snapshot_<step>.pt)."""
+    sdict = {"mcr": nn.DataParallel(model).state_dict()}  # keys module.convnet.…, as the official run
+    assert all(k.startswith("module.") for k in sdict["mcr"])
+    if step is not None:
+        sdict["global_step"] = step
+    torch.save(sdict, path)
+
+
+def test_official_snapshot_loads_into_the_whole_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = mcr.Config(size=18, image_size=32, hidden_dim=64)  # DROID's 56-d chunk, the official 7-d actor
+    model = mcr.MCR(cfg).eval()
+    official_snapshot(model, tmp_path / "snapshot.pt", step=40_000)
+    official_snapshot(model, tmp_path / "snapshot_40000.pt")
+    images, chunks = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.randn(2, 56)
+    with torch.no_grad():
+        expected = model(images, chunks)
+    for name, step in (("snapshot.pt", 40_000), ("snapshot_40000.pt", None)):
+        loaded, global_step = mcr.load_snapshot(tmp_path / name)  # default Config: depth and width from the file
+        assert global_step == step and not loaded.training
+        assert (loaded.cfg.size, loaded.cfg.hidden_dim) == (18, 64)
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(loaded(images, chunks), expected))
+    # the official default config (tcn only) has no state encoder and no actor: nor has the loaded model
+    official_snapshot(mcr.MCR(mcr.Config(size=18, align_weight=0, bc_weight=0)), tmp_path / "tcn.pt", step=1)
+    tcn, _ = mcr.load_snapshot(tmp_path / "tcn.pt")
+    assert (tcn.cfg.align_weight, tcn.cfg.bc_weight) == (0, 0) and not hasattr(tcn, "state_encoder")
+    with pytest.raises(ValueError, match="snapshot.pt: state_encoder.0.weight takes a 56-d dynamics chunk"):
+        mcr.load_snapshot(tmp_path / "snapshot.pt", mcr.Config(state_dim=8))
+    torch.save(model.convnet.state_dict(), tmp_path / "encoder.pt")
+    with pytest.raises(ValueError, match="encoder.pt: expected an official MCR training snapshot"):
+        mcr.load_snapshot(tmp_path / "encoder.pt")
 
 
 def test_resnet_depth_is_read_from_the_keys_and_bad_files_say_what_they_are(tmp_path):
