@@ -207,10 +207,14 @@ class Policy:
     def reset(self, num_envs):
         pass  # single frame, no history
 
-    def _image(self, x):  # uint8 (N, 3, h, w) numpy -> uint8 (N, 3, S, S) on the device, as data.py resizes
+    def _image(self, x):  # uint8 (N, 3, h, w) numpy -> uint8 (N, 3, S, S) on the device
         x = torch.as_tensor(np.asarray(x)).to(self.device)
         size = self.model.cfg.image_size
-        return x if x.shape[-2:] == (size, size) else TF.resize(x, [size, size], antialias=True)
+        if x.shape[-2:] == (size, size):
+            return x
+        # as main's training frames, data.resize(x, size, "bicubic"): antialiased bicubic on float, rounded back
+        y = TF.resize(x.float(), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return y.round_().clamp_(0, 255).to(torch.uint8)
 
     @torch.no_grad()
     def act(self, obs, instructions):  # instructions are ignored: GC-BC is conditioned on the goal image
@@ -254,9 +258,11 @@ def main():
 
     # Goal relabelling is data.py's goal_last: uniform among the episode's last N frames, never before t.
     # (The reference draws among the last 8 and takes the final frame when the draw lies before t.)
+    # Frames are resized bicubic with antialiasing, as the reference's preprocess_and_save.py and
+    # eval_calvin.py (which resize the uint8 tensor; data.resize resizes its float and rounds once).
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
-                  image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed)
+                  image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed, interpolation="bicubic")
     ds = data.load(spec, **window)
     if cfg.sample_weights == "balance":
         if data.parse_sources(spec)[1] is not None:

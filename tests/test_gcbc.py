@@ -87,6 +87,28 @@ def test_augmentation_is_one_draw_per_sample_shared_by_observation_and_goal():
     assert len({o.numpy().tobytes() for o in obs}) == 8  # a new draw for every sample
 
 
+def test_policy_resizes_as_the_training_frames_bicubic(bridge_path):
+    policy = gcbc.Policy(gcbc.GCBC(gcbc.Config(**TINY)), [stats([0.0] * 6, [1.0] * 6)])
+    frame = data.Source(data.prepare(str(bridge_path))).image("primary", 0)[None]  # uint8 (1, 3, 64, 64)
+    for x in (frame, torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)):  # down- and upsampled to 32
+        resized = policy._image(x.numpy())
+        assert resized.dtype == torch.uint8 and torch.equal(resized, data.resize(x, 32, "bicubic"))
+        assert not torch.equal(resized, data.resize(x, 32, "bilinear"))
+
+
+def test_main_loads_the_training_frames_bicubic(bridge_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def load(spec, **window):
+        raise Loaded(window)
+    monkeypatch.setattr(data, "load", load)
+    monkeypatch.setattr("sys.argv", ["gcbc.py", "--data", str(bridge_path)])
+    with pytest.raises(Loaded) as loaded:
+        gcbc.main()
+    assert loaded.value.args[0]["interpolation"] == "bicubic"
+
+
 def test_balance_weights_follow_the_reference_formula():
     steps, episodes = [1_000, 100_000], [10, 2_000]
     # small: r1 = max(1, int(100 - 0.5)) = 99, r2 = max(1, 3500 // 10) = 350 -> min((99 + 350) // 2, 10) = 10
