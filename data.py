@@ -638,19 +638,23 @@ class Source:
 # ---------------------------------------------------------------------------------------------------
 # 6. Windows: the standard training sample (DESIGN.md)
 
-INTERPOLATIONS = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+INTERPOLATIONS = ("bilinear", "bicubic", "bicubic_float")
 
 
 def resize(x, size, interpolation="bilinear"):
-    """uint8 (..., 3, h, w) -> uint8 (..., 3, *size), antialiased. Bilinear runs on uint8 (torchvision's fast
-    path); bicubic runs on float and is rounded back, within half a level of the float resize that GR-1's and
-    GC-BC's official preprocessing use (they keep the float; we store uint8)."""
+    """uint8 (..., 3, h, w) -> uint8 (..., 3, *size), antialiased, as a method's official preprocessing resizes:
+      bilinear       torchvision on uint8 (the default; the fast path)
+      bicubic        torchvision on uint8 (Torch-X-Embodiment resizes the uint8 tensor so)
+      bicubic_float  torchvision on float, rounded once (GR1-Training resizes float frames; we store uint8, so
+                     within half a level of its float frames)"""
     size = [size, size] if isinstance(size, int) else list(size)
     if list(x.shape[-2:]) == size:
         return x
     if interpolation == "bilinear":
         return TF.resize(x, size, antialias=True)
-    y = TF.resize(x.float(), size, interpolation=INTERPOLATIONS[interpolation], antialias=True)
+    if interpolation == "bicubic":
+        return TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    y = TF.resize(x.float(), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -829,7 +833,7 @@ def _is_number(s):
 
 def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
     """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed,
-    missing_views, interpolation ("bilinear" or "bicubic")."""
+    missing_views, interpolation (see resize)."""
     paths, given = parse_sources(spec)
     sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
     return Mixture(sources, weights=weights if weights is not None else given, **window)

@@ -211,10 +211,8 @@ class Policy:
         x = torch.as_tensor(np.asarray(x)).to(self.device)
         size = self.model.cfg.image_size
         if x.shape[-2:] == (size, size):
-            return x
-        # as main's training frames, data.resize(x, size, "bicubic"): antialiased bicubic on float, rounded back
-        y = TF.resize(x.float(), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        return y.round_().clamp_(0, 255).to(torch.uint8)
+            return x  # else as main's training frames (data.resize "bicubic") and the reference: uint8, antialiased
+        return TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
     @torch.no_grad()
     def act(self, obs, instructions):  # instructions are ignored: GC-BC is conditioned on the goal image
@@ -258,8 +256,8 @@ def main():
 
     # Goal relabelling is data.py's goal_last: uniform among the episode's last N frames, never before t.
     # (The reference draws among the last 8 and takes the final frame when the draw lies before t.)
-    # Frames are resized bicubic with antialiasing, as the reference's preprocess_and_save.py and
-    # eval_calvin.py (which resize the uint8 tensor; data.resize resizes its float and rounds once).
+    # Frames are resized bicubic with antialiasing on the uint8 tensor, as the reference's preprocess_and_save.py
+    # and eval_calvin.py.
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
                   image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed, interpolation="bicubic")

@@ -328,14 +328,18 @@ def test_summary_and_bench_run(bridge_path, capsys):
     assert "frames/s" in capsys.readouterr().out
 
 
-def test_bicubic_resize_is_the_float_resize_rounded(bridge_path):
-    """GR-1 and GC-BC resize as their official preprocessing does: bicubic on float (issue 14.5)."""
+def test_bicubic_resizes_are_the_official_kernels(bridge_path):
+    """GC-BC resizes as Torch-X-Embodiment (torchvision's uint8 bicubic), GR-1 as GR1-Training (bicubic on
+    float; we store uint8, so rounded once): issue 14.5."""
+    import torchvision.transforms.v2.functional as TF
     bil = window(bridge_path, image_size=48)[(0, 13, 0)]["image_primary"]
     ds = window(bridge_path, image_size=48, interpolation="bicubic")
+    raw = ds.sources[0].image("primary", 13)[None]                               # (1, 3, h, w) native size
     bic = ds[(0, 13, 0)]["image_primary"]
-    raw = ds.sources[0].image("primary", 13)[None].float()                      # (1, 3, h, w) native size
-    ref = torch.nn.functional.interpolate(raw, size=(48, 48), mode="bicubic", antialias=True, align_corners=False)
-    assert bic.dtype == torch.uint8 and (bic[0].float() - ref[0].clamp(0, 255)).abs().max() <= 0.5
-    assert (bic.int() - bil.int()).abs().max() > 0  # not the bilinear frames
+    assert torch.equal(bic, TF.resize(raw, [48, 48], interpolation=TF.InterpolationMode.BICUBIC, antialias=True))
+    flt = window(bridge_path, image_size=48, interpolation="bicubic_float")[(0, 13, 0)]["image_primary"]
+    ref = torch.nn.functional.interpolate(raw.float(), size=(48, 48), mode="bicubic", antialias=True)
+    assert flt.dtype == torch.uint8 and (flt[0].float() - ref[0].clamp(0, 255)).abs().max() <= 0.5
+    assert (bic.int() - bil.int()).abs().max() > 0 and (flt.int() - bic.int()).abs().max() > 0
     with pytest.raises(data.DataError, match="interpolation='nearest'"):
         window(bridge_path, interpolation="nearest")
