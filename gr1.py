@@ -13,12 +13,14 @@ Where they differ from the paper this file follows the code and says so (facts: 
         [OBS_HAND]_t -> the same decoder    -> the hand frame t+3
 
     python gr1.py                                        # MetaWorld MT10: collect (once), train, evaluate
-    python gr1.py --data CALVIN_ROOT --mae_ckpt mae_pretrain_vit_base.pth --clip_ckpt ViT-B-32.pt --out_dir runs/gr1
+    python gr1.py --data CALVIN_ROOT --mae_ckpt mae_pretrain_vit_base.pth --clip_ckpt ViT-B-32.pt --clip_torchscript
     python gr1.py --data EGO_VIDEO_RLDS --pretrain       # video-only pre-training (no action loss)
     torchrun --nproc_per_node=8 gr1.py --data PATH --gr1_ckpt GR1_0_chunksize10.pth  # from official weights
     python gr1.py --render runs/gr1/ckpt.pt --data PATH  # predicted vs real frames -> runs/gr1/predictions.png
 """
+import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -55,6 +57,8 @@ class Config:
     decoder_layers: int = 2        # MAE-style video decoder blocks
     decoder_heads: int = 16        # decoder heads (16 x 24 at d 384)
     future: int = 3                # predict the frame t+3 (fwd_pred_next_n x skip_frame in GR1-Training)
+    future_all_steps: bool = False  # also give the window's last 3 steps their frame t+3 (official: no, Main.py
+                                   # compares pred[:, :-3] with the window's own frames[:, 3:])
     norm_pix_loss: bool = True     # per-patch normalised pixel targets (MAE; GR-Chunk ablation without: 3.46 vs 3.556)
     arm_loss_weight: float = 100.0  # total = static + hand + 100 x arm + gripper (Main.py arm_loss_ratio)
     shift: float = 0.05            # DrQ random shift: pad 10/200 px (static), 4/84 px (hand), same shift for all frames
@@ -172,18 +176,31 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def clip_features(instructions, path):
+def clip_state_dict(path, torchscript=False):
+    """An OpenAI-layout CLIP state_dict from `path`, read with torch.load(weights_only=True). OpenAI's own release
+    (ViT-B-32.pt) is a TorchScript archive, and loading TorchScript runs the code it holds: only with
+    `torchscript`, which gr1.py sets from its command line (--clip_torchscript), never from a checkpoint."""
+    with warnings.catch_warnings():  # torch says it dispatches to torch.jit.load; with weights_only it refuses
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e):
+                raise
+            if not torchscript:
+                raise ValueError(f"clip_ckpt {path}: a TorchScript archive, and loading TorchScript runs the code in "
+                                 f"the file; gr1.py loads one only when named on its command line with "
+                                 f"--clip_ckpt PATH --clip_torchscript (README, GR-1)") from None
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+    return state.get("state_dict", state)
+
+
+def clip_features(instructions, path, torchscript=False):
     """The frozen, L2-normalised CLIP text feature of each instruction (N, 512), computed once (GR-1:
-    encode_text / (norm + 1e-6)). `path`: an OpenAI CLIP checkpoint (the TorchScript ViT-B-32.pt or any
-    state_dict with OpenAI key names, e.g. open_clip's)."""
+    encode_text / (norm + 1e-6)). `path`: a state_dict with OpenAI's CLIP key names (open_clip's, or the one
+    gr1.py writes from OpenAI's TorchScript ViT-B-32.pt); TorchScript itself only with `torchscript`."""
     from open_clip import tokenize  # BPE vocabulary shipped in the wheel: no network
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as e:  # OpenAI's release is a TorchScript archive
-        if "TorchScript" not in str(e):
-            raise
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    state = state.get("state_dict", state)
+    state = clip_state_dict(path, torchscript)
     text = CLIPText()
     keys = set(text.state_dict())
     missing = keys - set(state)
@@ -193,6 +210,15 @@ def clip_features(instructions, path):
     with torch.no_grad():
         x = torch.cat([text(tokenize(instructions[i:i + 64])) for i in range(0, len(instructions), 64)])
     return x / (x.norm(dim=-1, keepdim=True) + 1e-6)
+
+
+def save_clip_text(path, out):
+    """CLIP's text tower from `path` (trusted: named on the command line, TorchScript allowed) -> a plain
+    state_dict at `out`, which a checkpoint may name: evaluation then encodes new instructions without TorchScript."""
+    state = {k: v for k, v in clip_state_dict(path, torchscript=True).items() if not k.startswith("visual.")}
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    torch.save(state, out + ".tmp")
+    os.replace(out + ".tmp", out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,17 +483,25 @@ class Inputs:
     one-hot of the commanded gripper robot_obs[14] (index 1 = open). Other sources have no such layout: arm =
     the first 6 state dims z-scored (zero-padded), gripper = one-hot of the last state dim above the middle of
     its 1st-99th percentile range (MetaWorld's 4-d state: hand xyz + finger opening).
-    Action: arm dims mapped from [q01, q99] to [-1, 1] and clipped (CALVIN's rel_actions already lie in
-    [-1, 1], the official target); a dimension of zero width gives 0. Gripper: 1 open / 0 closed (BCE)."""
+    Arm action: CALVIN's rel_actions as they are, both ways (official: GR1-Training trains on the raw rel_actions,
+    already scaled to [-1, 1], and both official evaluations send the raw, unclamped prediction). Other sources:
+    mapped from [q01, q99] to [-1, 1] and clipped (a dimension of zero width gives 0), the prediction clamped to
+    [-1, 1] and mapped back. Gripper: 1 open / 0 closed (BCE)."""
 
     def __init__(self, stats):
         self.calvin = [len(s["state"]["mean"]) == 15 and "calvin" in s["name"].lower() for s in stats]
+        self.raw = torch.tensor(self.calvin)  # (sources,) arm actions used as they are
+        self.names = [s["name"] for s in stats]
         self.state_dim = [len(s["state"]["mean"]) for s in stats]
         t = lambda key, part: [torch.tensor(s[part][key], dtype=torch.float32) for s in stats]
         self.s_mean, self.s_std = t("mean", "state"), t("std", "state")
         self.s_lo, self.s_hi = t("q01", "state"), t("q99", "state")
         self.a_lo = torch.stack([x[:6] for x in t("q01", "action")])  # (sources, 6)
         self.a_width = torch.stack([x[:6] for x in t("q99", "action")]) - self.a_lo
+
+    def describe(self):  # for the run line
+        return ", ".join(f"{n} {'raw (official)' if raw else '[q01, q99] -> [-1, 1]'}"
+                         for n, raw in zip(self.names, self.calvin))
 
     def state(self, state, dataset_id):  # state (B, T, S), dataset_id (B,) -> arm (B, T, 6), gripper (B, T, 2)
         arm, open_ = state.new_zeros(*state.shape[:2], 6), state.new_zeros(state.shape[:2], dtype=torch.bool)
@@ -482,13 +516,15 @@ class Inputs:
                 open_[rows] = s[..., -1] > (self.s_lo[i][-1] + self.s_hi[i][-1]).to(s) / 2
         return arm, F.one_hot(open_.long(), 2).to(state.dtype)
 
-    def arm_target(self, action, dataset_id):  # (B, T, K, 6) -> [-1, 1]
-        lo, width = (x.to(action)[dataset_id][:, None, None] for x in (self.a_lo, self.a_width))
-        return torch.where(width > 0, 2 * (action - lo) / width.clamp(min=1e-12) - 1, 0.0).clamp(-1, 1)
+    def arm_target(self, action, dataset_id):  # (B, T, K, 6) -> the regression target
+        lo, width = (x.to(action)[dataset_id][:, None, None] for x in (self.a_lo, self.a_width))  # (B, 1, 1, 6)
+        scaled = torch.where(width > 0, 2 * (action - lo) / width.clamp(min=1e-12) - 1, 0.0).clamp(-1, 1)
+        return torch.where(self.raw.to(action.device)[dataset_id][:, None, None, None], action, scaled)
 
-    def arm_action(self, arm, dataset_id):  # inverse of arm_target: (N, 6) -> the source's units
-        lo, width = (x.to(arm)[dataset_id] for x in (self.a_lo, self.a_width))
-        return lo + (arm.clamp(-1, 1) + 1) / 2 * width
+    def arm_action(self, arm, dataset_id):  # inverse of arm_target: (..., N, 6), dataset_id (N,) -> source units
+        lo, width = (x.to(arm)[dataset_id] for x in (self.a_lo, self.a_width))  # (N, 6)
+        scaled = lo + (arm.clamp(-1, 1) + 1) / 2 * width
+        return torch.where(self.raw.to(arm.device)[dataset_id][:, None], arm, scaled)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,9 +580,10 @@ def masked_mean(x, mask):  # x (..., *rest), mask broadcastable to x over the le
 
 
 def loss(model, batch, inputs, cfg):
-    """Masked means over valid elements (Main.py). Frame t+3 comes from data.py (future=3) for every step,
-    masked past the episode end; the official code compares pred[:, :-3] with the window's own frames[:, 3:],
-    so its last 3 steps go unsupervised. Chunk targets past the episode end are masked (action_pad)."""
+    """Masked means over valid elements (Main.py). Frame t+3 comes from data.py (future=3), masked past the
+    episode end. As the official code, which compares pred[:, :-3] with the window's own frames[:, 3:], the
+    window's last 3 steps get no frame target, unless cfg.future_all_steps. Chunk targets past the episode
+    end are masked (action_pad)."""
     valid, batch = left_align(batch)
     rgb, hand = batch["image_primary"], batch["image_wrist"]
     future, future_hand = batch["future_image_primary"], batch["future_image_wrist"]
@@ -556,6 +593,8 @@ def loss(model, batch, inputs, cfg):
     arm, gripper = inputs.state(batch["state"], batch["dataset_id"])
     pred_arm, pred_gripper, pred_rgb, pred_hand = model(rgb, hand, arm, gripper, batch["instruction"], valid)
     seen = valid & ~batch["future_pad"]  # (B, T)
+    if not cfg.future_all_steps:  # official: step t's target must lie inside the window
+        seen = seen & (torch.arange(seen.shape[1], device=seen.device) < seen.shape[1] - cfg.future)
     l_rgb = masked_mean((pred_rgb.float() - frame_target(future, cfg)) ** 2, seen)
     l_hand = masked_mean((pred_hand.float() - frame_target(future_hand, cfg)) ** 2, seen)
     metrics = {"loss_static": l_rgb.detach(), "loss_hand": l_hand.detach()}
@@ -665,6 +704,13 @@ def load_official(model, path, log=print):
     log(f"gr1: loaded {len(state)} tensors from {path}; kept their own values: {kept or 'none'}")
 
 
+def checkpoint_config(config):
+    """The Config a checkpoint was trained with; those written before future_all_steps existed supervised
+    every step (a loss setting: it changes nothing at evaluation)."""
+    return Config(**{f.name: config.get(f.name, True) if f.name == "future_all_steps" else config[f.name]
+                     for f in fields(Config)})
+
+
 # ---------------------------------------------------------------------------------------------------
 # 9. Policy: the simulator's interface (eval_sim.py)
 
@@ -683,8 +729,9 @@ class Policy:
 
     @classmethod
     def from_checkpoint(cls, ckpt, device):
+        """The checkpoint's clip_ckpt is only ever read as weights: a TorchScript file there is refused."""
         config = ckpt["config"]
-        cfg = Config(**{f.name: config[f.name] for f in fields(Config)})
+        cfg = checkpoint_config(config)
         table = torch.zeros(len(config["vocabulary"]), cfg.lang_dim) if config["language"] != "learned" else None
         model = GR1(cfg, config["vocabulary"], table)
         model.load_state_dict(ckpt["model"])
@@ -711,10 +758,14 @@ class Policy:
         return torch.stack([self.features[s] if s in self.features else known[self.model.language.vocabulary[s]].cpu()
                             for s in instructions]).to(self.device)
 
-    def _image(self, x):  # uint8 (N, 3, h, w) numpy -> uint8 (N, 1, 3, S, S) on the device, resized as data.py
-        x = torch.as_tensor(np.asarray(x))
+    def _image(self, x):  # uint8 (N, 3, h, w) numpy -> uint8 (N, 1, 3, S, S) on the device
+        """Resized as main's data.load(interpolation="bicubic") (data.resize): bicubic with antialias on float,
+        as GR1-Training's PreProcess, then rounded back to uint8 as the training frames are stored."""
+        x = torch.as_tensor(np.asarray(x))  # (N, 3, h, w) uint8
         size = self.model.cfg.image_size
-        x = x if x.shape[-2:] == (size, size) else TF.resize(x, [size, size], antialias=True)
+        if x.shape[-2:] != (size, size):
+            x = TF.resize(x.float(), [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)  # (N, 3, S, S)
         return x.to(self.device)[:, None]
 
     @torch.no_grad()
@@ -743,17 +794,19 @@ class Policy:
 # 10. Command line: data -> train -> predicted frames -> MetaWorld evaluation
 
 # The CPU default: the paper's model is ~1 TFLOP per training sample (the frozen MAE ViT-B: 88%) and cannot
-# train on 2 cores. Same architecture and losses, cut in size (see main's print).
+# train on 2 cores. Same architecture and losses, cut in size (see main's print). With 4 steps of history the
+# official rule would give a frame target to step 0 only: every step gets its frame t+3.
 CPU = dict(image_size=64, history=4, patch=16, vit_dim=128, vit_layers=4, vit_heads=4, freeze_vit=False,
            resampler_depth=2, resampler_heads=4, resampler_dim_head=32, d_model=128, layers=4, heads=4, mlp=512,
-           decoder_layers=1, decoder_heads=4, dropout=0.0)
+           decoder_layers=1, decoder_heads=4, dropout=0.0, future_all_steps=True)
 
 
-def language_table(ds, clip_ckpt):
+def language_table(ds, clip_ckpt, torchscript=False):
     """-> (kind, table or None, description): CLIP features per distinct instruction when --clip_ckpt is
     given (the paper), else the dataset's own embedding per instruction, else a learned embedding."""
     if clip_ckpt:
-        return "clip", clip_features(ds.instructions, clip_ckpt), f"frozen CLIP ViT-B/32 text features ({clip_ckpt})"
+        return ("clip", clip_features(ds.instructions, clip_ckpt, torchscript),
+                f"frozen CLIP ViT-B/32 text features ({clip_ckpt})")
     if ds.has_embedding:
         index = {s: i for i, s in enumerate(ds.instructions)}
         table = np.zeros((len(index), ds.sources[0].embedding.shape[1]), np.float32)
@@ -766,7 +819,6 @@ def language_table(ds, clip_ckpt):
 
 def main():
     import argparse
-    import os
     import data
     import eval_sim
     import train
@@ -775,8 +827,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_args(p)
     p.add_argument("--mae_ckpt", help="MAE ViT-B/16 weights (mae_pretrain_vit_base.pth); without: see the prints")
-    p.add_argument("--clip_ckpt", help="OpenAI CLIP ViT-B/32 weights (ViT-B-32.pt); without: the dataset's "
-                                       "instruction embedding, else a learned one per instruction")
+    p.add_argument("--clip_ckpt", help="OpenAI CLIP ViT-B/32 weights (a state_dict with OpenAI's key names); without: "
+                                       "the dataset's instruction embedding, else a learned one per instruction")
+    p.add_argument("--clip_torchscript", action="store_true",
+                   help="--clip_ckpt may be a TorchScript archive (OpenAI's ViT-B-32.pt): loading one runs the code "
+                        "it holds, so only for a file you trust; the run keeps its text tower as OUT_DIR/clip_text.pt")
     p.add_argument("--gr1_ckpt", help="start from official weights: Bytedance snapshot_ABC.pt or GR1-Training "
                                       "GR1_*.pth")
     p.add_argument("--render", metavar="CKPT", help="only write predicted vs real frames of CKPT for --data")
@@ -800,7 +855,10 @@ def main():
         raise SystemExit("gr1.py: --variant gr-1 is Bytedance's single-action GR-1: add --chunk_size 1")
     if args.render:
         ckpt = train.load_checkpoint(args.render)
-        cfg = Config(**{f.name: ckpt["config"][f.name] for f in fields(Config)})  # the checkpoint's window
+        cfg = checkpoint_config(ckpt["config"])  # the checkpoint's window
+    elif cfg.history <= cfg.future and not cfg.future_all_steps:
+        raise SystemExit(f"gr1.py: a {cfg.history}-step window holds no frame t+{cfg.future} to predict (the official "
+                         f"rule): add --future_all_steps or use --history above {cfg.future}")
     rank0 = int(os.environ.get("RANK", 0)) == 0
     log = print if rank0 else (lambda *a: None)
     if small and not args.render:
@@ -809,13 +867,14 @@ def main():
             f"{cfg.history} steps [10], a {cfg.vit_layers} x {cfg.vit_dim} ViT/{cfg.patch} with {patches} patches "
             f"TRAINED from scratch [frozen MAE ViT-B/16, 12 x 768, 196 patches: no --mae_ckpt], resampler "
             f"{cfg.resampler_depth} layers of {cfg.vit_dim} [3 of 768], GPT {cfg.layers} x {cfg.d_model} [12 x 384], "
-            f"decoder {cfg.decoder_layers} block [2], no dropout [0.1]; {tcfg.steps} steps of batch "
+            f"decoder {cfg.decoder_layers} block [2], no dropout [0.1], frame t+3 at every step [the first "
+            f"{Config().history - Config().future} of {Config().history}]; {tcfg.steps} steps of batch "
             f"{tcfg.batch_size} [~40k of 456]")
 
     spec = args.data or eval_sim.default_data()
     ds = data.load(spec, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
                    chunk=cfg.chunk_size, image_size=cfg.image_size, views=("primary", "wrist"), future=cfg.future,
-                   seed=tcfg.seed)
+                   seed=tcfg.seed, interpolation="bicubic")  # GR1-Training's resize (Policy._image: the same)
     inputs = Inputs(ds.stats)
     if args.render:  # the batch's dataset_id must index the checkpoint's sources: render on its own data
         batch = next(iter(data.loader(ds, 4, 0, 1, tcfg.seed, 0, 0)))
@@ -823,7 +882,12 @@ def main():
         render(Policy.from_checkpoint(ckpt, "cpu").model, batch, Inputs(ckpt["stats"]), path)
         return print(f"gr1: predicted vs real frames t+{cfg.future} in {path}")
 
-    kind, table, language = language_table(ds, args.clip_ckpt)
+    kind, table, language = language_table(ds, args.clip_ckpt, args.clip_torchscript)
+    clip_ckpt = args.clip_ckpt
+    if clip_ckpt and args.clip_torchscript:  # the checkpoint names a plain state_dict: evaluation loads no TorchScript
+        clip_ckpt = os.path.abspath(os.path.join(tcfg.out_dir, "clip_text.pt"))
+        if rank0:
+            save_clip_text(args.clip_ckpt, clip_ckpt)
     if table is not None:
         cfg = replace(cfg, lang_dim=table.shape[1])  # CLIP 512, CALVIN's MiniLM 384, OXE's USE 512
     model = GR1(cfg, ds.instructions, table)
@@ -836,8 +900,10 @@ def main():
     if cfg.freeze_vit and not (args.mae_ckpt or args.gr1_ckpt):
         log("gr1: WARNING: a frozen, randomly initialised ViT: give --mae_ckpt or --no-freeze_vit")
     log(f"gr1: data {spec} | language: {language} | ViT: {vit} | {cfg.variant}, chunk {cfg.chunk_size} | "
-        f"{'video prediction only (--pretrain)' if cfg.pretrain else 'actions + video prediction'}")
-    config = {**asdict(cfg), "vocabulary": ds.instructions, "language": kind, "clip_ckpt": args.clip_ckpt}
+        f"{'video prediction only (--pretrain)' if cfg.pretrain else 'actions + video prediction'} | arm actions: "
+        f"{inputs.describe()} | frame t+{cfg.future}: "
+        f"{'every step' if cfg.future_all_steps else f'the first {cfg.history - cfg.future} steps (official)'}")
+    config = {**asdict(cfg), "vocabulary": ds.instructions, "language": kind, "clip_ckpt": clip_ckpt}
     if cfg.pretrain:  # the action head gets no gradient: DDP must be told
         tcfg = replace(tcfg, find_unused=True)
     model = train.train(model, lambda m, b: loss(m, b, inputs, cfg), ds, tcfg, method="gr1", config=config)
@@ -850,7 +916,7 @@ def main():
         log(f"gr1: predicted vs real frames t+{cfg.future} in {os.path.join(tcfg.out_dir, 'predictions.png')}")
     episodes = args.eval_episodes if args.eval_episodes is not None else (10 if gpu else 2) * (args.data is None)
     if rank0 and episodes > 0 and not cfg.pretrain:
-        eval_sim.evaluate(Policy(model, ds.stats, args.clip_ckpt), args.eval_tasks, episodes,
+        eval_sim.evaluate(Policy(model, ds.stats, clip_ckpt), args.eval_tasks, episodes,
                           out_dir=os.path.join(tcfg.out_dir, "eval"), method="gr1", size=128)
 
 

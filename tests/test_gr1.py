@@ -14,7 +14,7 @@ import gr1
 TINY = gr1.Config(chunk_size=3, history=3, image_size=32, d_model=32, layers=2, heads=2, mlp=64, dropout=0.0,
                   n_positions=512, patch=8, vit_dim=24, vit_layers=1, vit_heads=2, resampler_depth=1,
                   resampler_heads=2, resampler_dim_head=8, latents=3, lang_dim=16, decoder_layers=1,
-                  decoder_heads=2, shift=0.0)
+                  decoder_heads=2, shift=0.0, future_all_steps=True)  # 3 steps: the official rule leaves no t+3
 VOCAB = ["close the drawer", "open the drawer"]
 
 
@@ -37,9 +37,9 @@ def inputs(B=2, T=3, size=32, seed=0):
     return frames(), frames(), torch.randn(B, T, 6, generator=g), gripper, [VOCAB[i % 2] for i in range(B)]
 
 
-def stats(state_dim=15, name="calvin"):
+def stats(state_dim=15, name="calvin", lo=-1.0, hi=1.0):  # lo, hi: the action percentiles q01, q99
     part = lambda d, lo, hi: {"mean": [0.0] * d, "std": [1.0] * d, "q01": [lo] * d, "q99": [hi] * d}
-    return {"name": name, "state": part(state_dim, -1.0, 1.0), "action": part(7, -1.0, 1.0)}
+    return {"name": name, "state": part(state_dim, -1.0, 1.0), "action": part(7, lo, hi)}
 
 
 def test_paper_configurations_have_the_official_parameter_counts():
@@ -202,6 +202,58 @@ def test_loss_falls_on_a_fixed_batch():
     assert set(pretrain[1]) == {"loss_static", "loss_hand"}  # video only
 
 
+def test_frame_targets_follow_the_official_window_by_default(monkeypatch):
+    # Main.py compares pred[:, :-3] with the window's own frames[:, 3:]: the last 3 steps get no frame target,
+    # unless --future_all_steps (then each step's frame t+3 from data.py, which can lie past the window)
+    cfg = replace(TINY, history=5, future_all_steps=False)
+    model = tiny(cfg).eval()
+    batch, ins = hand_batch(T=5), gr1.Inputs([stats()])
+    g = torch.Generator().manual_seed(3)
+    for view in ("primary", "wrist"):
+        x = batch[f"image_{view}"]  # (4, 5, 3, 32, 32)
+        future = torch.randint(0, 256, x.shape, dtype=torch.uint8, generator=g)  # t+3 of steps 2..4: past the window
+        future[:, :2] = x[:, 3:]  # steps 0, 1: the window's own frames 3, 4, as data.py gives them
+        batch[f"future_image_{view}"] = future
+    with torch.no_grad():
+        official = gr1.loss(model, batch, ins, cfg)[1]
+        every = gr1.loss(model, batch, ins, replace(cfg, future_all_steps=True))[1]
+        arm, gripper = ins.state(batch["state"], batch["dataset_id"])
+        _, _, pred_rgb, pred_hand = model(batch["image_primary"], batch["image_wrist"], arm, gripper,
+                                          batch["instruction"], torch.ones(4, 5, dtype=torch.bool))
+    for key, pred, view in (("loss_static", pred_rgb, "primary"), ("loss_hand", pred_hand, "wrist")):
+        x, future = batch[f"image_{view}"], batch[f"future_image_{view}"]
+        torch.testing.assert_close(official[key], ((pred[:, :-3] - gr1.frame_target(x[:, 3:], cfg)) ** 2).mean())
+        torch.testing.assert_close(every[key], ((pred - gr1.frame_target(future, cfg)) ** 2).mean())
+    saved = {k: v for k, v in asdict(cfg).items() if k != "future_all_steps"}  # a checkpoint from before the flag
+    assert gr1.checkpoint_config(saved).future_all_steps  # it supervised every step
+    monkeypatch.setattr("sys.argv", ["gr1.py", "--history", "3", "--no-future_all_steps"])
+    with pytest.raises(SystemExit, match="no frame t\\+3"):  # a window too short for the rule: refused at once
+        gr1.main()
+
+
+def test_calvin_arm_targets_are_the_raw_actions(calvin_path):
+    # ~1-3 s: a batch of the CALVIN fixture. Official: GR1-Training regresses the raw rel_actions, whatever their
+    # percentiles (here far from +-1, so a percentile map would rescale them)
+    import data
+    ds = data.load(str(calvin_path), history=3, chunk=3, image_size=32, views=("primary", "wrist"), future=3)
+    q01, q99 = (np.array(ds.stats[0]["action"][k][:6]) for k in ("q01", "q99"))
+    assert (q01 > -0.5).all() and (q99 < 0.5).all()
+    batch = next(iter(data.loader(ds, 4, seed=0, num_workers=0)))
+    ins = gr1.Inputs(ds.stats)
+    action = batch["action"][..., :6]  # (4, 3, 3, 6)
+    assert torch.equal(ins.arm_target(action, batch["dataset_id"]), action)
+    torch.manual_seed(0)
+    model = gr1.GR1(TINY, ds.instructions).eval()
+    with torch.no_grad():
+        metrics = gr1.loss(model, batch, ins, TINY)[1]
+        valid, b = gr1.left_align(batch)
+        arm, gripper = ins.state(b["state"], b["dataset_id"])
+        pred_arm = model(b["image_primary"], b["image_wrist"], arm, gripper, b["instruction"], valid)[0]
+    expected = gr1.masked_mean(torch.nn.functional.smooth_l1_loss(pred_arm, b["action"][..., :6], reduction="none"),
+                               valid[..., None] & ~b["action_pad"])
+    torch.testing.assert_close(metrics["loss_arm"], expected)
+
+
 def to_official(state, bytedance):
     """This file's state_dict -> an official layout: Conv1D (in, out) GPT weights, plus what each official
     file carries that gr1.py does not use (CLIP, wte, Bytedance's attention buffers)."""
@@ -256,6 +308,31 @@ def test_official_layouts_load(tmp_path, variant):
         gr1.load_mae(target, tmp_path / "bad_mae.pth")
 
 
+def test_official_weights_act_unchanged_on_calvin(tmp_path):
+    # both official CALVIN evaluations send the raw, unclamped arm prediction, whatever the data's percentiles
+    cfg = replace(TINY, variant="gr-1", chunk_size=1)
+    features = torch.randn(2, TINY.lang_dim)
+    source = tiny(cfg, seed=1, table=features)
+    with torch.no_grad():
+        source.pred_arm_act.bias += torch.tensor([3.0, -3.0, 0, 0, 0, 0])  # outside [-1, 1]: a clamp would show
+    torch.save({"state_dict": to_official(source.state_dict(), bytedance=True)}, tmp_path / "snapshot_ABC.pt")
+    model = tiny(cfg, seed=2, table=features).eval()
+    gr1.load_official(model, tmp_path / "snapshot_ABC.pt", log=lambda *a: None)
+    policy = gr1.Policy(model, [stats(15, "calvin", lo=-0.3, hi=0.2)])
+    rng = np.random.default_rng(0)
+    obs = {"image_primary": rng.integers(0, 256, (2, 3, 200, 200), dtype=np.uint8),
+           "image_wrist": rng.integers(0, 256, (2, 3, 84, 84), dtype=np.uint8),
+           "state": rng.standard_normal((2, 15)).astype(np.float32)}
+    policy.reset(2)
+    action = policy.act(obs, VOCAB)
+    arm, gripper = policy.inputs.state(torch.from_numpy(obs["state"])[:, None], torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        pred_arm = model(policy._image(obs["image_primary"]), policy._image(obs["image_wrist"]), arm, gripper, VOCAB,
+                         torch.ones(2, 1, dtype=torch.bool))[0][:, -1, 0]  # (2, 6)
+    assert pred_arm.abs().max() > 2
+    np.testing.assert_allclose(action[:, :6], pred_arm.numpy(), rtol=0, atol=1e-6)
+
+
 def test_clip_text_tower_pools_the_end_of_text_token():
     # ~3-8 s: imports open_clip for its BPE tokenizer (a small text tower, random weights)
     from open_clip import tokenize
@@ -292,6 +369,43 @@ def test_clip_features_load_an_openai_layout(tmp_path, monkeypatch):
     torch.save({"token_embedding.weight": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(KeyError, match="not an OpenAI-layout CLIP checkpoint"):
         gr1.clip_features(text, tmp_path / "bad.pt")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit:FutureWarning")
+def test_torchscript_clip_loads_only_from_the_command_line(tmp_path, monkeypatch):
+    # TorchScript runs code when loaded (issue 15). --clip_torchscript on gr1.py's command line loads OpenAI's
+    # archive and keeps a plain state_dict for the checkpoint; a TorchScript clip_ckpt named by a checkpoint's
+    # config is refused at evaluation with a clear error, and torch.jit.load is never called.
+    from open_clip import tokenize
+    tower = gr1.CLIPText
+    small = lambda: tower(width=32, layers=2, heads=2, embed_dim=16)
+    torch.manual_seed(0)
+    clip = small().eval()
+    text = ["open the drawer", "push the red block to the left"]
+    with torch.no_grad():
+        expected = clip(tokenize(text))
+        torch.jit.trace(clip, tokenize(text)).save(str(tmp_path / "ViT-B-32.pt"))
+    expected = expected / (expected.norm(dim=-1, keepdim=True) + 1e-6)
+    monkeypatch.setattr(gr1, "CLIPText", small)
+    torch.testing.assert_close(gr1.clip_features(text, tmp_path / "ViT-B-32.pt", torchscript=True), expected)
+    gr1.save_clip_text(str(tmp_path / "ViT-B-32.pt"), str(tmp_path / "run" / "clip_text.pt"))
+    torch.testing.assert_close(gr1.clip_features(text, tmp_path / "run" / "clip_text.pt"), expected)
+
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match="TorchScript archive.*--clip_torchscript"):
+        gr1.clip_features(text, tmp_path / "ViT-B-32.pt")
+    model = tiny(table=torch.randn(2, TINY.lang_dim))
+    ckpt = {"config": {**asdict(TINY), "vocabulary": VOCAB, "language": "clip",
+                       "clip_ckpt": str(tmp_path / "ViT-B-32.pt")}, "model": model.state_dict(), "stats": [stats()]}
+    policy = gr1.Policy.from_checkpoint(ckpt, "cpu")
+    obs = {"image_primary": np.zeros((1, 3, 32, 32), np.uint8), "image_wrist": np.zeros((1, 3, 32, 32), np.uint8),
+           "state": np.zeros((1, 15), np.float32)}
+    policy.reset(1)
+    assert policy.act(obs, VOCAB[:1]).shape == (1, 7)  # instructions it knows need no CLIP
+    with pytest.raises(ValueError, match="TorchScript archive.*--clip_torchscript"):
+        policy.act(obs, ["push the red block to the left"])  # a new one would: refused
+    assert calls == []
 
 
 def test_frame_grid(tmp_path):
@@ -366,6 +480,19 @@ def test_checkpoint_round_trips_through_eval_sim(tmp_path, calvin_path):
     np.testing.assert_array_equal(policy.act({}, text), queued[0])
     np.testing.assert_array_equal(policy.act({}, text), queued[1])
     assert policy.tokens.shape[1] == 1 and first.shape == (2, 7)  # skipped frames do not enter the window
+
+
+def test_policy_resizes_as_the_training_frames():
+    # gr1.py trains on data.load(interpolation="bicubic"); Policy._image (which may not import data) must match it
+    import data
+    policy = gr1.Policy(tiny(), [stats()])
+    rng = np.random.default_rng(0)
+    for side, size in ((84, 32), (84, 224), (200, 224)):  # down, and up as CALVIN's 84 and 200 px to 224
+        policy.model.cfg = replace(TINY, image_size=size)
+        x = rng.integers(0, 256, (2, 3, side, side), dtype=np.uint8)
+        expected = data.resize(torch.from_numpy(x), size, "bicubic")  # (2, 3, size, size)
+        assert torch.equal(policy._image(x)[:, 0], expected)
+        assert not torch.equal(expected, data.resize(torch.from_numpy(x), size, "bilinear"))
 
 
 def test_policy_runs_in_metaworld():
