@@ -759,7 +759,7 @@ class Policy:
                             for s in instructions]).to(self.device)
 
     def _image(self, x):  # uint8 (N, 3, h, w) numpy -> uint8 (N, 1, 3, S, S) on the device
-        """Resized as main's data.load(interpolation="bicubic") (data.resize): bicubic with antialias on float,
+        """Resized as main's data.load(interpolation="bicubic_float") (data.resize): bicubic with antialias on float,
         as GR1-Training's PreProcess, then rounded back to uint8 as the training frames are stored."""
         x = torch.as_tensor(np.asarray(x))  # (N, 3, h, w) uint8
         size = self.model.cfg.image_size
@@ -874,7 +874,7 @@ def main():
     spec = args.data or eval_sim.default_data()
     ds = data.load(spec, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
                    chunk=cfg.chunk_size, image_size=cfg.image_size, views=("primary", "wrist"), future=cfg.future,
-                   seed=tcfg.seed, interpolation="bicubic")  # GR1-Training's resize (Policy._image: the same)
+                   seed=tcfg.seed, interpolation="bicubic_float")  # GR1-Training's resize (Policy._image: the same)
     inputs = Inputs(ds.stats)
     if args.render:  # the batch's dataset_id must index the checkpoint's sources: render on its own data
         batch = next(iter(data.loader(ds, 4, 0, 1, tcfg.seed, 0, 0)))

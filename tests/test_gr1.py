@@ -483,14 +483,14 @@ def test_checkpoint_round_trips_through_eval_sim(tmp_path, calvin_path):
 
 
 def test_policy_resizes_as_the_training_frames():
-    # gr1.py trains on data.load(interpolation="bicubic"); Policy._image (which may not import data) must match it
+    # gr1.py trains on data.load(interpolation="bicubic_float"); Policy._image (which may not import data) must match it
     import data
     policy = gr1.Policy(tiny(), [stats()])
     rng = np.random.default_rng(0)
     for side, size in ((84, 32), (84, 224), (200, 224)):  # down, and up as CALVIN's 84 and 200 px to 224
         policy.model.cfg = replace(TINY, image_size=size)
         x = rng.integers(0, 256, (2, 3, side, side), dtype=np.uint8)
-        expected = data.resize(torch.from_numpy(x), size, "bicubic")  # (2, 3, size, size)
+        expected = data.resize(torch.from_numpy(x), size, "bicubic_float")  # (2, 3, size, size)
         assert torch.equal(policy._image(x)[:, 0], expected)
         assert not torch.equal(expected, data.resize(torch.from_numpy(x), size, "bilinear"))
 
