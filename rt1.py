@@ -13,7 +13,8 @@ that code differ, this file follows the code and says so (facts: ../shared/specs
     torchrun --nproc_per_node=8 rt1.py --data PATH      # DDP on 8 GPUs
     python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
 """
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -40,7 +41,10 @@ class Config:
     dropout: float = 0.1           # on attention probabilities and after the feed-forward layer
     action_dim: int = 7            # action tokens per step: the standard 7-d action (official: 11, see RT1)
     bins: int = 256                # uniform bins per action dimension (A3)
-    shift: float = 0.1             # training: random translation up to this fraction of H, W (official 20/256, 50/320)
+    shift: tuple = (20 / 256, 50 / 320)  # training: random translation up to these fractions of (H, W): the
+                                         # official 20 of 256 rows and 50 of 320 columns ((0, 0): none)
+    torchvision_bn: bool = field(default=False, metadata={"from_data": True})  # EfficientNet BatchNorm: Keras's
+                                         # eps and momentum, or torchvision's (set by --imagenet_weights)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,14 +67,34 @@ class FiLM(nn.Module):
         return x * (1 + gamma) + beta
 
 
-def efficientnet_features(width_mult, depth_mult, stochastic_depth):
+def efficientnet_features(width_mult, depth_mult, stochastic_depth, torchvision_bn=False):
     """torchvision's EfficientNet trunk (stem, MBConv stages, 1x1 head conv); B3 = (1.2, 1.4). Its keys are
-    those of torchvision's `features`, so an ImageNet state_dict loads into it as is."""
+    those of torchvision's `features`, so an ImageNet state_dict loads into it as is.
+
+    BatchNorm: from random weights, the official Keras graph's eps 1e-3 and momentum 0.99 (Keras keeps 0.99 of
+    the running statistic: torch momentum 0.01). For torchvision's ImageNet weights (`torchvision_bn`), the
+    eps 1e-5 they were trained with (ported from timm, trained in PyTorch) and torch's momentum 0.1. (The
+    official loads Keras ImageNet weights, trained with Keras's BatchNorm; those are not used here.)"""
     conf = lambda *a: MBConvConfig(*a, width_mult=width_mult, depth_mult=depth_mult)
     stages = [conf(1, 3, 1, 32, 16, 1), conf(6, 3, 2, 16, 24, 2), conf(6, 5, 2, 24, 40, 2),  # EfficientNet-B0,
               conf(6, 3, 2, 40, 80, 3), conf(6, 5, 1, 80, 112, 3), conf(6, 5, 2, 112, 192, 4),  # Tan & Le 2019,
               conf(6, 3, 1, 192, 320, 1)]                                                     # Table 1
-    return torchvision.models.EfficientNet(stages, dropout=0.0, stochastic_depth_prob=stochastic_depth).features
+    norm = nn.BatchNorm2d if torchvision_bn else lambda c: nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+    net = torchvision.models.EfficientNet(stages, dropout=0.0, stochastic_depth_prob=stochastic_depth,
+                                          norm_layer=norm).features
+    for m in net.modules():  # Keras EfficientNet CONV_KERNEL_INITIALIZER (torchvision: an untruncated normal)
+        if isinstance(m, nn.Conv2d):
+            # mode fan_out: Keras's fan_out of a (k, k, in, out) kernel is k*k*out and of a depthwise (k, k, C, 1)
+            # kernel k*k; torch's kaiming counts all C channels of a depthwise conv, a sqrt(C) x smaller std
+            variance_scaling_(m.weight, 2.0, fan=m.out_channels // m.groups * math.prod(m.kernel_size))
+    return net
+
+
+def variance_scaling_(weight, scale, fan):
+    """Keras VarianceScaling(scale, distribution="truncated_normal"): a normal cut at 2 std whose std after the
+    cut is sqrt(scale / fan); 0.8796 is the std of a standard normal truncated to [-2, 2]."""
+    std = math.sqrt(scale / fan) / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 class FiLMEfficientNet(nn.Module):
@@ -80,10 +104,12 @@ class FiLMEfficientNet(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.net = efficientnet_features(cfg.width_mult, cfg.depth_mult, cfg.stochastic_depth)
+        self.net = efficientnet_features(cfg.width_mult, cfg.depth_mult, cfg.stochastic_depth, cfg.torchvision_bn)
         blocks = [b for stage in self.net[1:-1] for b in stage]  # 26 MBConv blocks in B3
         self.films = nn.ModuleList(FiLM(cfg.lang_dim, b.out_channels) for b in blocks)
         self.conv1x1 = nn.Conv2d(self.net[-1].out_channels, cfg.d_model, 1, bias=False)  # 1536 -> 512
+        variance_scaling_(self.conv1x1.weight, 1.0, fan=self.conv1x1.in_channels)  # official VarianceScaling():
+        # scale 1, fan_in, truncated normal: std 1/sqrt(1536) = 0.0255 (torch's default would be 0.0147)
         self.film = FiLM(cfg.lang_dim, cfg.d_model)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -133,6 +159,16 @@ class Block(nn.Module):
         self.out = nn.Linear(inner, cfg.d_model)
         self.ff = nn.Linear(cfg.d_model, cfg.d_model)
         self.heads, self.dropout = cfg.heads, cfg.dropout
+        # Keras MultiHeadAttention keeps 3-D kernels, Q/K/V (d_model, heads, head_dim) and output (heads,
+        # head_dim, d_model), and Keras 2's glorot multiplies both fans by the leading axes (glorot_uniform_): a
+        # std of 0.0054 for Q/K/V and 0.020 for the output here, not the 0.036 of a glorot on the 1024 x 512
+        # matrix. (Keras 3 computes the fans from the einsum's axes and gets the 0.036; the official code and
+        # its checkpoints are Keras 2.) Biases and the feed-forward Dense: zeros and a plain glorot, as Keras.
+        qkv, out = (cfg.d_model, cfg.heads, cfg.head_dim), (cfg.heads, cfg.head_dim, cfg.d_model)
+        ff = (cfg.d_model, cfg.d_model)
+        for layer, shape in [(self.q, qkv), (self.k, qkv), (self.v, qkv), (self.out, out), (self.ff, ff)]:
+            glorot_uniform_(layer.weight, shape)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x, mask):  # x (B, L, d), mask bool (L, L), True = may attend
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, head_dim)
@@ -141,6 +177,14 @@ class Block(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(a.transpose(1, 2).flatten(2))
         return x + F.dropout(self.ff(self.norm2(x)), self.dropout, self.training)
+
+
+def glorot_uniform_(weight, keras_shape):
+    """Keras 2 glorot_uniform for a kernel of `keras_shape`, held here as the 2-D `weight`: U(-l, l) with
+    l = sqrt(6 / (fan_in + fan_out)), fan_in = shape[-2] * r, fan_out = shape[-1] * r, r = prod(shape[:-2])."""
+    r = math.prod(keras_shape[:-2])
+    limit = math.sqrt(6 / (keras_shape[-2] * r + keras_shape[-1] * r))
+    return nn.init.uniform_(weight, -limit, limit)
 
 
 def attention_mask(steps, n_image, n_action):
@@ -165,12 +209,12 @@ class Transformer(nn.Module):
         self.position = nn.Linear(cfg.history * (n + A), cfg.d_model)  # official: Dense on a one-hot position
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.head = nn.Linear(cfg.d_model, cfg.bins)  # no final LayerNorm in the official code
-        # Keras Dense defaults: glorot-uniform kernel, zero bias. With 16 residual additions and no final
-        # LayerNorm the initial logits have a std of ~4: the loss starts above ln(256) = 5.5 (~8 measured).
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        # Keras Dense defaults: glorot-uniform kernel, zero bias (the blocks initialise their own layers).
+        # With 16 residual additions and no final LayerNorm the initial logits have a std of ~3.5 (measured on
+        # random 64 px frames): the loss starts well above ln(256) = 5.5.
+        for m in (self.token_emb, self.position, self.head):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
         self.register_buffer("mask", attention_mask(cfg.history, n, A), persistent=False)
         # the logits for action dim k of step t come from one position earlier: t*(n+A) + n - 1 + k
         readout = torch.arange(cfg.history)[:, None] * (n + A) + n - 1 + torch.arange(A)[None]
@@ -220,7 +264,7 @@ class RT1(nn.Module):
 
     def tokenize(self, images, instruction=None, embedding=None):  # images uint8 (B, T, 3, H, W)
         B, T = images.shape[:2]
-        if self.training and self.cfg.shift > 0:
+        if self.training and any(self.cfg.shift):
             images = random_shift(images, self.cfg.shift)
         cond = self.language(instruction, embedding).repeat_interleave(T, 0)  # the instruction tiled over T
         features = self.encoder(images.flatten(0, 1), cond)  # (B*T, d, h, w)
@@ -231,42 +275,51 @@ class RT1(nn.Module):
 
 
 def random_shift(images, fraction):
-    """Pad with zeros, then crop back at one random offset for the whole batch (official
-    convert_dtype_and_crop_images(pad_then_crop=True): up to 20 of 256 rows and 50 of 320 columns)."""
+    """Pad with zeros, then crop back at one random offset for the whole batch: a translation of up to
+    fraction[0] * H rows and fraction[1] * W columns either way. The official
+    convert_dtype_and_crop_images(pad_then_crop=True) does this to the 256 x 320 frame before its resize to
+    300 x 300, by up to 20 rows and 50 columns; our frames arrive resized (data.py), so the default shifts the
+    same proportion of each axis, 20/256 of the rows and 50/320 of the columns, in whole pixels of the resized
+    frame (at 300 px up to 23 rows and 47 columns; the official's whole source pixels are up to 23.4 and 46.9
+    resized ones). The offset stays a tensor: no host sync, no graph break under torch.compile."""
     H, W = images.shape[-2:]
-    ph, pw = round(fraction * H), round(fraction * W)
-    padded = F.pad(images, (pw, pw, ph, ph))
-    top, left = (int(torch.randint(0, 2 * p + 1, ())) for p in (ph, pw))
-    return padded[..., top:top + H, left:left + W]
+    ph, pw = round(fraction[0] * H), round(fraction[1] * W)
+    padded = F.pad(images, (pw, pw, ph, ph))  # (..., H + 2ph, W + 2pw)
+    top = torch.randint(0, 2 * ph + 1, (), device=images.device)
+    left = torch.randint(0, 2 * pw + 1, (), device=images.device)
+    rows, cols = top + torch.arange(H, device=images.device), left + torch.arange(W, device=images.device)
+    return padded.index_select(-2, rows).index_select(-1, cols)  # (..., H, W)
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Actions: normalise to [-1, 1] with each source's 1st/99th percentiles, then 256 uniform bins
+# 3. Actions: each source's 1st/99th percentiles as the bounds, 256 uniform bins between them
 
 class ActionTokenizer:
-    """Standard actions <-> tokens, per source of a mixture (`dataset_id`). The official tokenizer
-    (action_tokenizer.py) floors on encode and decodes to the bin's lower edge: token = floor((a+1)/2 * 255),
-    a = token/255 * 2 - 1, so a round trip loses less than one bin width (2/255), always downwards, and the
-    bounds -1 and 1 come back exactly. The official data needs no normalisation (it lies in fixed bounds);
-    here each dimension's [q01, q99] is mapped to [-1, 1] and clipped. A dimension of zero width (MetaWorld's
-    rotations are always 0) is divided by 1 instead of 0 on encode and decodes to its constant."""
+    """Standard actions <-> tokens, per source of a mixture (`dataset_id`), with the official arithmetic
+    (action_tokenizer.py) and each dimension's [q01, q99] in the place of the official action spec's
+    [minimum, maximum] (the official data lies in fixed bounds; ours comes from many sources):
+    encode: a = clip(a, low, high); token = floor((a - low) / (high - low) * 255), computed in this order in
+    float32, so an action exactly on a bin edge gets the official token; decode: the bin's lower edge,
+    token / 255 * (high - low) + low. A round trip loses less than one bin width, always downwards, and the
+    bounds come back exactly. A dimension of zero width (MetaWorld's rotations are always 0) is divided by 1
+    instead of 0 on encode (token 0) and decodes to its constant."""
 
     def __init__(self, stats, bins=256):
         self.low = torch.tensor([s["action"]["q01"] for s in stats], dtype=torch.float32)  # (sources, A)
-        self.width = torch.tensor([s["action"]["q99"] for s in stats], dtype=torch.float32) - self.low
+        self.high = torch.tensor([s["action"]["q99"] for s in stats], dtype=torch.float32)
+        self.width = self.high - self.low
         self.bins = bins
 
     def encode(self, action, dataset_id):  # action (B, ..., A), dataset_id (B,) -> long tokens (B, ..., A)
-        low, width = (x.to(action.device)[dataset_id] for x in (self.low, self.width))
-        width = torch.where(width > 0, width, torch.ones_like(width))
         shape = (len(dataset_id),) + (1,) * (action.ndim - 2) + (-1,)
-        normalised = (2 * (action - low.view(shape)) / width.view(shape) - 1).clamp(-1, 1)
-        return torch.floor((normalised + 1) / 2 * (self.bins - 1)).long()
+        low, high, width = (x.to(action.device)[dataset_id].view(shape) for x in (self.low, self.high, self.width))
+        width = torch.where(width > 0, width, torch.ones_like(width))
+        a = torch.minimum(torch.maximum(action.float(), low), high)  # tf.clip_by_value
+        return torch.floor((a - low) / width * (self.bins - 1)).long()  # the official int cast of a value >= 0
 
     def decode(self, tokens, dataset_id):  # tokens (B, A), dataset_id (B,) -> action (B, A)
         low, width = (x.to(tokens.device)[dataset_id] for x in (self.low, self.width))
-        normalised = tokens.float() / (self.bins - 1) * 2 - 1
-        return low + (normalised + 1) / 2 * width
+        return tokens.float() / (self.bins - 1) * width + low
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,7 +405,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_args(parser)
     parser.add_argument("--imagenet_weights", default=None,
-                        help="torchvision EfficientNet_B3 ImageNet state_dict (.pth); without it: random init")
+                        help="torchvision EfficientNet_B3 ImageNet state_dict (.pth), with torchvision's BatchNorm "
+                             "eps and momentum; without it: random init and the official Keras BatchNorm")
     gpu = torch.cuda.is_available()
     parser.add_argument("--eval_tasks", default="mt10" if gpu else "reach-v3,push-v3,pick-place-v3",
                         help="MetaWorld tasks to evaluate after training (default: mt10 on a GPU, its first "
@@ -371,6 +425,10 @@ def main():
                              weight_decay=0.0, grad_clip=0.0, ckpt_every=5000 if gpu else 100,
                              log_every=50 if gpu else 10)
     args, (cfg, tcfg) = train.parse_args(cfg, tcfg, parser=parser)
+    if len(cfg.shift) != 2:
+        parser.error(f"--shift: expected two fractions, of the rows and of the columns (e.g. 0.078 0.156), "
+                     f"got {list(cfg.shift)}")
+    cfg = replace(cfg, torchvision_bn=bool(args.imagenet_weights))  # the BatchNorm its weights were trained with
 
     path = args.data or eval_sim.default_data()
     ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
@@ -388,9 +446,9 @@ def main():
         weights = torch.load(args.imagenet_weights, map_location="cpu", weights_only=True)
         model.encoder.net.load_state_dict({k[len("features."):]: v for k, v in weights.items()
                                            if k.startswith("features.")})
-        backbone = f"ImageNet weights from {args.imagenet_weights}"
+        backbone = f"ImageNet weights from {args.imagenet_weights}, torchvision BatchNorm"
     else:
-        backbone = "random init (no --imagenet_weights)"
+        backbone = "random init, Keras BatchNorm (no --imagenet_weights)"
     if rank0:
         print(f"rt1: data {path} | language: {language} | EfficientNet-B3: {backbone} | "
               f"{cfg.image_size}px, {cfg.history} frames")

@@ -3,7 +3,7 @@ tokens, causality, the policy's history, a falling loss, a few steps on the Brid
 that eval_sim rebuilds. Everything but the parameter count runs a tiny configuration (same code paths,
 torchvision's MBConv blocks)."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import rt1
 
 BRIDGE = Path(__file__).resolve().parents[2] / "shared/data/oxe/bridge_dataset/1.0.0"
 TINY = rt1.Config(image_size=32, history=3, width_mult=0.1, depth_mult=0.1, lang_dim=16, tokens_per_image=4,
-                  d_model=32, layers=2, heads=2, head_dim=16, dropout=0.0, shift=0.0)
+                  d_model=32, layers=2, heads=2, head_dim=16, dropout=0.0, shift=(0.0, 0.0))
 VOCAB = ["close the door", "open the door"]
 
 
@@ -48,9 +48,16 @@ def count(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def test_paper_configuration_has_the_official_parameter_count():
-    # ~1-4 s: builds the full 35M-parameter model (never runs it) and torchvision's EfficientNet-B3
-    model = rt1.RT1(rt1.Config(action_dim=11))  # the official 11 action tokens -> a 6 x 19 = 114-token sequence
+@pytest.fixture(scope="module")
+def paper():
+    """~2-5 s, once: the full 35M-parameter model (never run) with the official 11 action tokens (a 6 x 19 =
+    114-token sequence); the initialisation tests measure its weights (millions of draws: stds to <1%)."""
+    torch.manual_seed(0)
+    return rt1.RT1(rt1.Config(action_dim=11))
+
+
+def test_paper_configuration_has_the_official_parameter_count(paper):
+    model = paper
     assert count(model.encoder) + count(model.token_learner) == 15_744_160  # official image tokenizer
     assert count(model.transformer) == 19_376_384  # official transformer
     # The official total 35,252,128 also counts _action_token_emb (Dense 256 -> 512 = 131,584), whose output
@@ -108,6 +115,93 @@ def test_action_tokens_round_trip_within_one_bin():
     outside = torch.tensor([[5.0, -5, 9, 1, 1, 1, 3]])  # clipped to the [q01, q99] bounds
     np.testing.assert_allclose(tokenizer.decode(tokenizer.encode(outside, ids[:1]), ids[:1]),
                                [[1, -0.5, 2, 0, 0, 0, 1]], atol=1e-6)
+
+
+def test_action_tokens_on_bin_edges_are_the_official_ones():
+    # the official tokenizer in float32: clip, then int((a - min) / (max - min) * 255); decode: t / 255 * w + min
+    low = np.array([-1, -0.5, 0, -0.37, -np.pi / 2, -0.02, 0], np.float32)
+    high = np.array([1, 0.5, 2, 0.81, np.pi / 2, 0.03, 1], np.float32)
+    k = np.arange(256, dtype=np.float32)[:, None]
+    edges = k / np.float32(255) * (high - low) + low  # (256, 7) float32: every bin's lower edge, decoded
+    official = ((np.clip(edges, low, high) - low) / (high - low) * np.float32(255)).astype(np.int32)
+    assert (official != k).any()  # float32 puts some edges a hair below: the official token is then k - 1
+    tokenizer = rt1.ActionTokenizer(stats(low.tolist(), high.tolist()))
+    ids = torch.zeros(256, dtype=torch.long)
+    np.testing.assert_array_equal(tokenizer.encode(torch.from_numpy(edges), ids).numpy(), official)
+    np.testing.assert_array_equal(tokenizer.decode(torch.from_numpy(k).long().expand(-1, 7), ids).numpy(), edges)
+
+
+def test_attention_starts_as_keras_multi_head_attention(paper):
+    def keras_glorot_limit(shape):  # Keras 2 _compute_fans: the last two axes times the product of the others
+        r = int(np.prod(shape[:-2]))
+        return np.sqrt(6 / (shape[-2] * r + shape[-1] * r))
+
+    qkv, out, ff = keras_glorot_limit((512, 8, 128)), keras_glorot_limit((8, 128, 512)), keras_glorot_limit((512, 512))
+    assert round(qkv / np.sqrt(3), 4) == 0.0054 and round(out / np.sqrt(3), 4) == 0.0198  # 6.7x, 1.8x below 0.036
+    for block in paper.transformer.blocks:
+        for layer, limit in [(block.q, qkv), (block.k, qkv), (block.v, qkv), (block.out, out), (block.ff, ff)]:
+            w = layer.weight.detach()
+            assert abs(w.std().item() / (limit / np.sqrt(3)) - 1) < 0.01  # uniform(-limit, limit)
+            assert limit * 0.999 < w.abs().max().item() <= limit
+            assert not layer.bias.any()
+
+
+def test_convolutions_start_as_keras_variance_scaling(paper):
+    # the 1x1 conv after EfficientNet: VarianceScaling() = truncated normal, std sqrt(1 / fan_in) after the cut
+    w = paper.encoder.conv1x1.weight.detach()  # (512, 1536, 1, 1)
+    assert abs(w.std().item() * np.sqrt(1536) - 1) < 0.01
+    assert w.abs().max().item() <= 2 * np.sqrt(1 / 1536) / 0.87962566103423978  # cut at 2 std of the normal
+    # EfficientNet: VarianceScaling(2, fan_out); a depthwise (k, k, C, 1) Keras kernel has fan_out k*k
+    depthwise = [m for m in paper.encoder.net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    big = [m for m in depthwise if m.weight.numel() > 20_000]
+    assert big
+    for m in big:
+        k2 = m.kernel_size[0] * m.kernel_size[1]
+        assert abs(m.weight.std().item() / np.sqrt(2 / k2) - 1) < 0.03, m
+
+
+def test_batchnorm_is_keras_from_scratch_and_torchvision_with_its_imagenet_weights(tmp_path):
+    def batchnorms(cfg):
+        return [m for m in rt1.RT1(cfg, VOCAB).encoder.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in batchnorms(TINY))  # Keras: eps 1e-3, momentum 0.99
+    torchvision_bn = replace(TINY, torchvision_bn=True)  # what rt1.main sets with --imagenet_weights
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in batchnorms(torchvision_bn))
+    model = rt1.RT1(torchvision_bn, VOCAB)
+    ckpt = {"config": {**asdict(torchvision_bn), "vocabulary": VOCAB}, "model": model.state_dict(),
+            "stats": stats([-1.0] * 7, [1.0] * 7)}
+    policy = rt1.Policy.from_checkpoint(ckpt, "cpu")  # the checkpoint remembers which BatchNorm it trained with
+    assert all(m.eps == 1e-5 for m in policy.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def image_offsets(images, shifted):
+    """(dy, dx) of each frame: images hold 1000 * row + col + 1 (0 only in the padding), so the centre pixel
+    of a shifted frame names the source pixel it came from."""
+    H, W = images.shape[-2:]
+    centre = shifted[..., H // 2, W // 2].flatten()
+    return (centre - 1) // 1000 - H // 2, (centre - 1) % 1000 - W // 2
+
+
+def test_random_shift_moves_each_axis_by_its_official_fraction():
+    H = W = 64  # (20/256, 50/320) of 64 px: up to 5 rows and 10 columns either way
+    frame = (1000 * torch.arange(H)[:, None] + torch.arange(W)[None] + 1).float()  # (H, W)
+    images = frame.expand(2, 3, 3, H, W)  # (B, T, 3, H, W)
+    torch.manual_seed(0)
+    dys, dxs = set(), set()
+    for _ in range(300):
+        dy, dx = image_offsets(images, rt1.random_shift(images, rt1.Config().shift))
+        assert len(set(dy.tolist())) == len(set(dx.tolist())) == 1  # one offset for the whole batch
+        dys.add(int(dy[0])), dxs.add(int(dx[0]))
+    assert dys == set(range(-5, 6)) and dxs == set(range(-10, 11))
+
+
+def test_random_shift_compiles_without_a_graph_break():
+    # ~1 s: dynamo traces it whole (fullgraph raises on a break, e.g. an offset drawn as a Python int);
+    # the "eager" backend skips code generation
+    images = frames(2, 3)
+    torch.manual_seed(0)
+    shifted = torch.compile(rt1.random_shift, fullgraph=True, backend="eager")(images, rt1.Config().shift)
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
 
 
 def test_action_slots_see_only_image_tokens_of_their_own_and_earlier_steps():
@@ -180,7 +274,7 @@ def test_a_few_steps_on_the_bridge_sample(tmp_path):
     import train
     ds = data.load(str(BRIDGE), history=TINY.history, image_size=TINY.image_size)
     assert ds.has_embedding  # Open X-Embodiment ships a 512-d instruction embedding
-    cfg = rt1.Config(**{**asdict(TINY), "lang_dim": ds.sources[0].embedding.shape[1], "shift": 0.1})
+    cfg = rt1.Config(**{**asdict(TINY), "lang_dim": ds.sources[0].embedding.shape[1], "shift": rt1.Config().shift})
     tokenizer = rt1.ActionTokenizer(ds.stats)
     tcfg = train.TrainConfig(out_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-3, warmup=1, workers=0,
                              log_every=1, ckpt_every=3)
