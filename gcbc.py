@@ -256,7 +256,7 @@ def main():
     # (The reference draws among the last 8 and takes the final frame when the draw lies before t.)
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
-                  image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed)
+                  verify=args.verify, image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed)
     ds = data.load(spec, **window)
     if cfg.sample_weights == "balance":
         if data.parse_sources(spec)[1] is not None:

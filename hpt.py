@@ -501,7 +501,7 @@ def main():
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
                   history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size, views=cfg.views,
-                  missing_views="zeros", seed=tcfg.seed)
+                  missing_views="zeros", seed=tcfg.seed, verify=args.verify)
     ds = data.load(spec, **window)
     if len(ds.sources) > 1 and data.parse_sources(spec)[1] is None:
         # official temperature sampling, T = 2: a dataset's weight is proportional to sqrt(its size)

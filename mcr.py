@@ -505,7 +505,7 @@ def main():
     spec = args.data or eval_sim.default_data()
     paths, weights = data.parse_sources(spec)
     sources = [data.Source(data.prepare(path, args.split, official_keys(path, data.keys_from(args)),
-                                        args.calvin_all_frames)) for path in paths]
+                                        args.calvin_all_frames), args.verify) for path in paths]
     mixture = data.Mixture(sources, weights, image_size=cfg.image_size, views=cfg.views, seed=tcfg.seed)
     cfg = replace(cfg, state_dim=mixture.state_dim, action_dim=mixture.action_dim)
     if rank0:
