@@ -310,10 +310,11 @@ def rlds_episodes(rlds_dir, split="train"):
     features = read_features(rlds_dir)
     _, shards, lengths = rlds_shards(rlds_dir, split)
     for shard, expected in zip(shards, lengths):
-        n = -1
-        for n, (_, buf) in enumerate(tfrecords(shard)):
+        n = 0
+        for _, buf in tfrecords(shard):
             yield Episode(buf, parse_example(buf), features, f"{shard.name} episode {n}")
-        check_shard_length(shard, n + 1, expected)
+            n += 1
+        check_shard_length(shard, n, expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -624,7 +625,8 @@ def calvin_annotations(path):
             raise ValueError(f"window {next((s, e) for s, e in spans if s > e)} ends before it starts")
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"{path}: malformed annotation file ({type(e).__name__}: {e}); expected CALVIN's dict "
-                        "{'language': {'ann': [str], 'emb': (n, 1, D) floats}, 'info': {'indx': [(start, end)]}}") from e
+                        "{'language': {'ann': [str], 'emb': (n, 1, D) floats}, 'info': {'indx': [(start, end)]}}"
+                        ) from e
     return [(s, e, t, emb[i]) for i, ((s, e), t) in enumerate(zip(spans, texts))]
 
 

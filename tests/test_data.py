@@ -483,7 +483,8 @@ def test_mixture_weights_must_be_finite(bridge_path):
                                                                 rf"finite number >= 0")
     src = window(bridge_path).sources[0]
     for w in ([float("nan"), 1.0], [float("inf"), 1.0]):
-        one_line_error(lambda: data.Mixture([src, src], weights=w), r"mixture weights \[(nan|inf), 1.0\]: expected 2 finite")
+        one_line_error(lambda: data.Mixture([src, src], weights=w),
+                       r"mixture weights \[(nan|inf), 1.0\]: expected 2 finite")
 
 
 # CALVIN: a copy of the fixture's first frames with one annotation window over them
@@ -496,7 +497,8 @@ def mini_calvin(calvin_path, root, frames=5, ann=None):
         shutil.copy(src / f"episode_{i:07d}.npz", dst)
     np.save(dst / "ep_start_end_ids.npy", np.array([[start, start + frames - 1]]))
     if ann is None:
-        ann = {"language": {"ann": ["open the drawer"], "task": ["open_drawer"], "emb": np.ones((1, 1, 384), np.float32)},
+        emb = np.ones((1, 1, 384), np.float32)
+        ann = {"language": {"ann": ["open the drawer"], "task": ["open_drawer"], "emb": emb},
                "info": {"episodes": [], "indx": [(np.int64(start), np.int64(start + frames - 1))]}}
     np.save(dst / "lang_annotations" / "auto_lang_ann.npy", ann, allow_pickle=True)
     return dst, start
@@ -551,7 +553,7 @@ def test_malformed_calvin_annotations_are_named(calvin_path, tmp_path):
             ({"language": {"ann": ["a"], "emb": emb}, "info": {"indx": [(5, 1)]}},
              r"malformed annotation file \(ValueError: window \(5, 1\) ends before it starts"),
             ({"language": {"ann": ["a"], "emb": emb}, "info": "indx"}, r"malformed annotation file \(TypeError"),
-            (["not", "a", "dict"], r"cannot read the pickled .npy \(ValueError: a <U4 array of shape \(3,\), not a pickled")]):
+            (["not", "a", "dict"], r"cannot read the pickled .npy \(ValueError: a <U4 array of shape \(3,\), not a")]):
         mini_calvin(calvin_path, tmp_path / str(i), ann=ann)
         one_line_error(lambda: data.load(str(tmp_path / str(i))), rf"auto_lang_ann.npy: {match}")
     folder, _ = mini_calvin(calvin_path, tmp_path / "garbage")
@@ -563,7 +565,8 @@ def test_calvin_truncated_or_corrupt_frame_is_named(calvin_path, tmp_path):
     folder, start = mini_calvin(calvin_path, tmp_path / "cut")
     cut = folder / f"episode_{start + 1:07d}.npz"
     cut.write_bytes(cut.read_bytes()[:5000])
-    one_line_error(lambda: data.load(str(tmp_path / "cut")), rf"{cut.name}: cannot read rel_actions/robot_obs \(BadZipFile")
+    one_line_error(lambda: data.load(str(tmp_path / "cut")),
+                   rf"{cut.name}: cannot read rel_actions/robot_obs \(BadZipFile")
     # at training time: zip checks the CRC-32 of every array it reads, so a damaged frame is named, never decoded
     folder, start = mini_calvin(calvin_path, tmp_path / "flip")
     src = data.load(str(tmp_path / "flip"), image_size=16).sources[0]
