@@ -484,7 +484,7 @@ def official_keys(path, keys):
     fmt, root = data.detect(path)
     if keys or fmt != "rlds":
         return keys or None
-    return DROID_KEYS if json.loads((root / "dataset_info.json").read_text())["name"] in DROID_NAMES else None
+    return DROID_KEYS if data.read_info(root)["name"] in DROID_NAMES else None
 
 
 def make_encoder(spec, imagenet_weights=None, seed=0):

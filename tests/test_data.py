@@ -1,7 +1,10 @@
 """data.py on the real Bridge sample and on fixtures written in DROID's, fractal's, kuka's, language_table's,
 taco_play's and CALVIN's exact layouts (tests/fixtures.py)."""
 import json
+import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +307,10 @@ def test_empty_episode_and_nan_actions_are_named(tmp_path):
     nan = fixtures.write_bad_droid(tmp_path / "nan", problem="nan")
     with pytest.raises(data.DataError, match=r"r2d2_faceblur-train\.tfrecord.*action is not finite at step 2"):
         data.load(str(nan))
+    state = {"image_key": "observation/exterior_image_1_left", "action_key": "action_dict/gripper_position",
+             "state_key": "observation/gripper_position+action_dict/cartesian_position"}  # the NaN as a state
+    with pytest.raises(data.DataError, match=r"r2d2_faceblur-train\.tfrecord.*state is not finite at step 2 \(dim 1\)"):
+        data.load(str(nan), keys=state)
 
 
 def test_missing_view_is_named(bridge_path):
@@ -343,3 +350,246 @@ def test_bicubic_resizes_are_the_official_kernels(bridge_path):
     assert (bic.int() - bil.int()).abs().max() > 0 and (flt.int() - bic.int()).abs().max() > 0
     with pytest.raises(data.DataError, match="interpolation='nearest'"):
         window(bridge_path, interpolation="nearest")
+
+
+# --- corrupt data is refused (issue 15): CRCs, shard lengths, pickles, one-line errors ----------------
+
+BRIDGE_TRAIN = "bridge_dataset-train.tfrecord-00000-of-00001"
+
+
+def bridge_copy(bridge_path, tmp_path):
+    copy = tmp_path / "bridge_dataset" / "1.0.0"
+    shutil.copytree(bridge_path, copy)
+    return copy
+
+
+def record_offsets(path):
+    """Byte offset of every record of a TFRecord file (u64 length, u32 crc, payload, u32 crc)."""
+    buf, pos, out = Path(path).read_bytes(), 0, []
+    while pos < len(buf):
+        out.append(pos)
+        pos += 16 + int.from_bytes(buf[pos:pos + 8], "little")
+    return out
+
+
+def flip(path, byte):
+    buf = bytearray(Path(path).read_bytes())
+    buf[byte] ^= 0x10
+    Path(path).write_bytes(bytes(buf))
+
+
+def one_line_error(fn, match):
+    with pytest.raises(data.DataError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600, str(e.value)
+    return str(e.value)
+
+
+def test_tfrecord_crc_refuses_a_flipped_byte_naming_shard_and_record(bridge_path, tmp_path):
+    """One flipped byte inside an episode's record (today: a changed action or frame, silently) or in a
+    record's length field: prepare and the episode reader refuse it, as TFDS's DataLossError does."""
+    copy = bridge_copy(bridge_path, tmp_path)
+    shard = copy / BRIDGE_TRAIN
+    third = record_offsets(shard)[2]
+    flip(shard, third + 12 + 5000)  # inside the payload of the third record
+    for read in (lambda: data.load(str(copy)), lambda: list(data.rlds_episodes(copy))):
+        one_line_error(read, rf"{BRIDGE_TRAIN}: corrupted record at byte {third}: its \d+ bytes fail the CRC-32C")
+    flip(shard, third + 12 + 5000)  # restored
+    flip(shard, third + 1)           # the record's length field
+    one_line_error(lambda: data.load(str(copy)), rf"{BRIDGE_TRAIN}: corrupted record at byte {third}: its length field")
+
+
+def test_masked_crc32c_is_tensorflows():
+    # TFRecord masks CRC-32C (Castagnoli; check value 0xE3069283 for "123456789") as rotr15 + 0xa282ead8
+    crc = 0xE3069283
+    assert data.masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    assert data.masked_crc32c(b"") == 0xA282EAD8
+
+
+def test_image_bytes_are_checked_as_training_reads_them(bridge_path, tmp_path):
+    """Each image's bytes are checked against the CRC-32C prepare recorded, so a shard damaged after prepare
+    is refused instead of decoded (unchecked, the damaged JPEG decodes to other pixels)."""
+    from torchvision.io import ImageReadMode, decode_image
+    copy = bridge_copy(bridge_path, tmp_path)
+    source = data.load(str(copy), image_size=16).sources[0]
+    _, offset, length, _ = (int(x) for x in source.pointers["primary"][7])
+
+    def unchecked():  # the JPEG as it lies in the shard, decoded without a check
+        jpeg = bytearray((copy / BRIDGE_TRAIN).read_bytes()[offset:offset + length])
+        return decode_image(torch.frombuffer(jpeg, dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    before = unchecked()
+    assert torch.equal(source.image("primary", 7), before)
+    flip(copy / BRIDGE_TRAIN, offset + length // 2)
+    one_line_error(lambda: source.image("primary", 7),
+                   rf"{BRIDGE_TRAIN}: the primary image at byte {offset} \({length} bytes\) fails the CRC-32C")
+    assert not torch.equal(unchecked(), before)  # what training would have seen
+    source.image("primary", 8)  # other frames still read
+
+
+def test_shard_lengths_are_checked_and_the_shard_named(bridge_path, droid_path, tmp_path):
+    """A shard cut at a record boundary passes every CRC; dataset_info.json's shardLengths catches it
+    (today 24 of 25 episodes are read without a word). A missing shard is named too."""
+    copy = bridge_copy(bridge_path, tmp_path)
+    shard = copy / BRIDGE_TRAIN
+    shard.write_bytes(shard.read_bytes()[:record_offsets(shard)[-1]])
+    for read in (lambda: data.load(str(copy)), lambda: list(data.rlds_episodes(copy))):
+        one_line_error(read, rf"{BRIDGE_TRAIN}: 24 records, but dataset_info.json's shardLengths says 25")
+    droid = tmp_path / "droid_100" / "1.0.0"
+    shutil.copytree(droid_path, droid)
+    (droid / "r2d2_faceblur-train.tfrecord-00001-of-00003").unlink()
+    one_line_error(lambda: data.load(str(droid)), r"dataset_info.json: split 'train' has 3 shards \(shardLengths\) but "
+                                                  r"2 files .* missing r2d2_faceblur-train.tfrecord-00001-of-00003")
+
+
+def test_dataset_info_json_errors_are_one_line(tmp_path):
+    info = tmp_path / "dataset_info.json"
+    for text, match in [('{"name": "x", "splits": [', r"dataset_info.json: cannot read the TFDS dataset info \("),
+                        ('["bridge_dataset"]', "dataset_info.json: a JSON list; expected an object with 'name'"),
+                        ('{"splits": [{"name": "train"}]}', "dataset_info.json: no 'name'"),
+                        ('{"name": "x", "splits": {"train": 1}}', "dataset_info.json: 'splits' is .*expected a list")]:
+        info.write_text(text)
+        one_line_error(lambda: data.load(str(tmp_path)), match)
+
+
+def test_features_json_of_another_schema_is_named(bridge_path, tmp_path):
+    rlds = tmp_path / "bridge_dataset" / "1.0.0"
+    rlds.mkdir(parents=True)
+    for f in ("dataset_info.json", BRIDGE_TRAIN):
+        (rlds / f).symlink_to(bridge_path / f)
+    features = rlds / "features.json"
+    fd = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
+    for spec, match in [([1, 2], r"feature '\(root\)' does not follow the TFDS feature spec"),
+                        ({"pythonClassName": fd, "featuresDict": {"features": {"steps": {
+                            "pythonClassName": "tensorflow_datasets.core.features.dataset_feature.Dataset"}}}},
+                         r"feature 'steps' does not follow the TFDS feature spec \(KeyError: 'sequence'\)"),
+                        ({"pythonClassName": fd, "featuresDict": {"features": {}}}, "no per-step features")]:
+        features.write_text(json.dumps(spec))
+        one_line_error(lambda: data.load(str(rlds)), rf"features.json: {match}")
+
+
+def test_key_flags_of_the_wrong_kind_are_named(bridge_path):
+    """--action_key naming an image (today: kilobytes of JPEG bytes in a numpy error) and --image_key
+    naming numbers: one line naming the flag, what the key holds and the keys that would fit."""
+    msg = one_line_error(lambda: data.load(str(bridge_path), keys={"image_key": "observation/image_0",
+                                                                  "action_key": "observation/image_1"}),
+                         r"--action_key observation/image_1: 'steps/observation/image_1' holds an encoded image; "
+                         r"expected per-step numbers, such as: action, .*observation/state")
+    assert "image_0" not in msg.split("such as:")[1]
+    one_line_error(lambda: data.load(str(bridge_path), keys={"image_key": "observation/state", "action_key": "action"}),
+                   r"--image_key observation/state: 'steps/observation/state' holds float32 numbers \[7\]; "
+                   r"expected a per-step encoded image, such as: observation/image_0, observation/image_1")
+    one_line_error(lambda: data.load(str(bridge_path), keys={"image_key": "observation/image_0", "action_key": "action",
+                                                            "state_key": "observation/state+language_instruction"}),
+                   r"--state_key language_instruction: 'steps/language_instruction' holds text")
+
+
+def test_mixture_weights_must_be_finite(bridge_path):
+    for w in ("nan", "inf", "-1"):
+        one_line_error(lambda: data.parse_sources(f"a:{w},b:1"), rf"--data 'a:{w},b:1': weight '{w}' of a: expected a "
+                                                                rf"finite number >= 0")
+    src = window(bridge_path).sources[0]
+    for w in ([float("nan"), 1.0], [float("inf"), 1.0]):
+        one_line_error(lambda: data.Mixture([src, src], weights=w),
+                       r"mixture weights \[(nan|inf), 1.0\]: expected 2 finite")
+
+
+# CALVIN: a copy of the fixture's first frames with one annotation window over them
+
+def mini_calvin(calvin_path, root, frames=5, ann=None):
+    src, dst = Path(calvin_path) / "training", Path(root) / "training"
+    (dst / "lang_annotations").mkdir(parents=True)
+    start = int(np.load(src / "ep_start_end_ids.npy")[0, 0])
+    for i in range(start, start + frames):
+        shutil.copy(src / f"episode_{i:07d}.npz", dst)
+    np.save(dst / "ep_start_end_ids.npy", np.array([[start, start + frames - 1]]))
+    if ann is None:
+        emb = np.ones((1, 1, 384), np.float32)
+        ann = {"language": {"ann": ["open the drawer"], "task": ["open_drawer"], "emb": emb},
+               "info": {"episodes": [], "indx": [(np.int64(start), np.int64(start + frames - 1))]}}
+    np.save(dst / "lang_annotations" / "auto_lang_ann.npy", ann, allow_pickle=True)
+    return dst, start
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted auto_lang_ann.npy can do to np.load(allow_pickle=True)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_calvin_annotations_are_unpickled_without_running_code(calvin_path, tmp_path):
+    marker = tmp_path / "code_ran"
+    folder, start = mini_calvin(calvin_path, tmp_path / "calvin", ann={
+        "language": {"ann": [RunsCode(marker)], "emb": np.ones((1, 1, 384), np.float32)},
+        "info": {"indx": [(0, 1)]}})
+    refused = r"auto_lang_ann.npy: refused to unpickle (posix|os|nt)\.system: only dicts, lists, strings"
+    one_line_error(lambda: data.load(str(tmp_path / "calvin")), refused)
+    with pytest.raises(SystemExit, match=refused):  # python data.py PATH
+        data.main([str(tmp_path / "calvin")])
+    assert not marker.exists()
+    np.load(folder / "lang_annotations" / "auto_lang_ann.npy", allow_pickle=True)  # what the reader did before
+    assert marker.exists()
+
+
+def test_calvin_annotations_written_by_numpy_1_still_read(calvin_path, tmp_path):
+    """CALVIN's files were written by numpy 1.x, whose pickles name numpy.core.multiarray (numpy 2: _core)."""
+    folder, start = mini_calvin(calvin_path, tmp_path / "calvin")
+    f = folder / "lang_annotations" / "auto_lang_ann.npy"
+    obj = np.load(f, allow_pickle=True)
+    body = pickle.dumps(obj, protocol=3)  # GLOBAL opcodes: "module\nname\n", no length prefixes to fix
+    assert b"numpy._core.multiarray" in body
+    with open(f, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": "|O", "fortran_order": False, "shape": ()})
+        out.write(body.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    ann = data.load_pickled_npy(f)
+    assert ann["language"]["ann"] == ["open the drawer"] and ann["info"]["indx"] == [(start, start + 4)]
+    ds = data.load(str(tmp_path / "calvin"), image_size=16)
+    assert ds.instructions == ["open the drawer"] and len(ds) == 5
+
+
+def test_malformed_calvin_annotations_are_named(calvin_path, tmp_path):
+    emb = np.ones((1, 1, 384), np.float32)
+    for i, (ann, match) in enumerate([
+            ({"language": {"ann": ["a"], "emb": emb}}, r"malformed annotation file \(KeyError: 'info'\)"),
+            ({"language": {"ann": ["a", "b"], "emb": emb}, "info": {"indx": [(0, 1)]}},
+             r"malformed annotation file \(ValueError: len\(info.indx\) = 1, len\(language.ann\) = 2"),
+            ({"language": {"ann": ["a"], "emb": emb}, "info": {"indx": [(5, 1)]}},
+             r"malformed annotation file \(ValueError: window \(5, 1\) ends before it starts"),
+            ({"language": {"ann": ["a"], "emb": emb}, "info": "indx"}, r"malformed annotation file \(TypeError"),
+            (["not", "a", "dict"], r"cannot read the pickled .npy \(ValueError: a <U4 array of shape \(3,\), not a")]):
+        mini_calvin(calvin_path, tmp_path / str(i), ann=ann)
+        one_line_error(lambda: data.load(str(tmp_path / str(i))), rf"auto_lang_ann.npy: {match}")
+    folder, _ = mini_calvin(calvin_path, tmp_path / "garbage")
+    (folder / "lang_annotations" / "auto_lang_ann.npy").write_bytes(b"not an npy file")
+    one_line_error(lambda: data.load(str(tmp_path / "garbage")), r"auto_lang_ann.npy: cannot read the pickled .npy")
+
+
+def test_calvin_truncated_or_corrupt_frame_is_named(calvin_path, tmp_path):
+    folder, start = mini_calvin(calvin_path, tmp_path / "cut")
+    cut = folder / f"episode_{start + 1:07d}.npz"
+    cut.write_bytes(cut.read_bytes()[:5000])
+    one_line_error(lambda: data.load(str(tmp_path / "cut")),
+                   rf"{cut.name}: cannot read rel_actions/robot_obs \(BadZipFile")
+    # at training time: zip checks the CRC-32 of every array it reads, so a damaged frame is named, never decoded
+    folder, start = mini_calvin(calvin_path, tmp_path / "flip")
+    src = data.load(str(tmp_path / "flip"), image_size=16).sources[0]
+    frame = folder / f"episode_{start + 2:07d}.npz"
+    with zipfile.ZipFile(frame) as z:
+        info = z.getinfo("rgb_static.npy")
+    flip(frame, info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2)
+    one_line_error(lambda: src.image("primary", 2), rf"{frame.name}: cannot read rgb_static \(")
+    assert src.image("primary", 1).shape == (3, 200, 200)
+
+
+def test_calvin_nan_state_is_named(calvin_path, tmp_path):
+    folder, start = mini_calvin(calvin_path, tmp_path / "calvin")
+    frame = folder / f"episode_{start + 3:07d}.npz"
+    arrays = dict(np.load(frame))
+    arrays["robot_obs"][4] = np.nan
+    np.savez_compressed(frame, **arrays)
+    one_line_error(lambda: data.load(str(tmp_path / "calvin")),
+                   rf"{frame.name}: robot_obs is not finite \(dim 4\); expected finite numbers")
