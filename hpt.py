@@ -58,7 +58,8 @@ class Config:
     stem_dropout: float = 0.1         # on the stems' attention probabilities (crossattn_modality_dropout)
     head_widths: tuple = (256, 128)   # hidden widths of the MLP action head
     head_dropout: float = 0.1         # after the head's second linear layer (dropout: True -> p 0.1)
-    horizon_masking: bool = True      # random_horizon_masking: train on the last h ~ U{1..T} observation steps
+    horizon_masking: bool = True      # random_horizon_masking: whenever the loss runs, the image and the state
+                                      # stem each see only their last h ~ U{1..T} steps (one draw per modality)
     finetune_encoder: bool = False    # train the ResNet-18 too (official default: frozen ImageNet features)
     beta: float = 0.05                # smooth-L1 threshold of the loss on [-1, 1]-normalised actions
 
@@ -69,6 +70,28 @@ def sinusoid(n, dim):
     sin on even j, cos on odd j."""
     angle = torch.arange(n, dtype=torch.float64)[:, None] / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
     return torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos()).float()
+
+
+def positions(pad, per_step, dim):
+    """(b, T * per_step, dim) rows of the position table for T steps of per_step inputs each, numbered from 0
+    at the first step kept: pad (b, T) marks the steps left out, always a prefix (history before the episode
+    start, or cut by horizon_mask). The official stem_process numbers from 0 whatever window it is given: a
+    shorter one at an episode start (Policy.get_action grows its history from 1), the last h steps under random
+    horizon masking. Left-out steps get row 0; the cross-attention never looks at them."""
+    T = pad.shape[1]
+    first = pad.sum(1, keepdim=True) * per_step  # (b, 1) inputs before the first kept step
+    index = (torch.arange(T * per_step, device=pad.device) - first).clamp(min=0)  # (b, T * per_step)
+    return sinusoid(T * per_step, dim).to(pad.device)[index]
+
+
+def horizon_mask(pad):
+    """Official random_horizon_masking as a tensor op: h ~ U{1..T}, and every step but the last h joins the
+    left-out prefix (b, T). With positions() numbering from the first kept step this computes what the official
+    slice x[:, T - h:] does, but the shapes never change and h never leaves the device, so torch.compile
+    neither breaks the graph nor recompiles between steps (official: np.random.randint, then a slice)."""
+    T = pad.shape[1]
+    h = torch.randint(1, T + 1, (), device=pad.device)
+    return pad | (torch.arange(T, device=pad.device) < T - h)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,33 +270,41 @@ class HPT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def tokenize(self, k, images, state, obs_pad):
-        """Embodiment k's stems: images uint8 (b, T, V, 3, H, W), state (b, T, S), obs_pad (b, T) -> (b, 32, d).
-        Position tables on the raw inputs as the official stem_process: over the T*V*49 image features
-        (width 512) and over the T state vectors (width state_dim). History steps before the episode start
-        (obs_pad; data.py repeats the first frame there) are masked out of the cross-attention. With
-        finetune_encoder the official code skips the image table (raw encoder output into the MLP); here it
-        is added in both modes, so that they differ only in what trains."""
+    def tokenize(self, k, images, state, image_pad, state_pad):
+        """Embodiment k's stems: images uint8 (b, T, V, 3, H, W) or their ResNet features (b, T, V, N, 512),
+        state (b, T, S), image_pad / state_pad (b, T) the steps each stem leaves out -> (b, 32, d).
+        Position tables on the raw inputs as the official stem_process: over the T*V*N image features (width
+        512) and over the T state vectors (width state_dim), numbered from the first step kept (positions).
+        Left-out steps (history before the episode start, where data.py repeats the first frame, and steps cut
+        by the random horizon) are masked out of the cross-attention. With finetune_encoder the official code
+        skips the image table (raw encoder output into the MLP); here it is added in both modes, so that they
+        differ only in what trains."""
         e, stems = self.embodiments[k], self.stems[k]
         b, T = state.shape[:2]
-        frames = images[:, :, e["views"]]  # (b, T, V, 3, H, W)
-        feats = self.encoder(frames.flatten(0, 2))  # (b*T*V, N, 512)
-        feats = feats.unflatten(0, (b, -1)).flatten(1, 2)  # (b, T*V*N, 512) in (t, view, position) order
-        keep = ~obs_pad  # (b, T)
-        image_mask = keep[:, :, None].expand(b, T, feats.shape[1] // T).flatten(1)
-        image = stems["image"](feats + sinusoid(feats.shape[1], 512).to(feats), image_mask)
+        feats = images[:, :, e["views"]]  # (b, T, V, 3, H, W) frames or (b, T, V, N, 512) cached features
+        if feats.dtype == torch.uint8:  # frames: through the ResNet here (cached_features did it once otherwise)
+            feats = self.encoder(feats.flatten(0, 2)).unflatten(0, (b, T, -1))  # (b, T, V, N, 512)
+        feats = feats.flatten(1, 3)  # (b, T*V*N, 512) in (t, view, position) order
+        per_step = feats.shape[1] // T
+        image_keep = ~image_pad[:, :, None].expand(b, T, per_step).flatten(1)  # (b, T*V*N)
+        image = stems["image"](feats + positions(image_pad, per_step, 512).to(feats), image_keep)
         s = state[..., :e["state_dim"]]  # one token per step from the whole proprio vector
-        return torch.cat([image, stems["state"](s + sinusoid(T, s.shape[-1]).to(s), keep)], 1)  # (b, 32, d)
+        state = stems["state"](s + positions(state_pad, 1, s.shape[-1]).to(s), ~state_pad)
+        return torch.cat([image, state], 1)  # (b, 32, d)
 
-    def forward(self, images, state, obs_pad, dataset_id):
-        """images uint8 (B, T, V, 3, H, W) for cfg.views; state (B, T, S) normalised; obs_pad bool (B, T);
-        dataset_id (B,) -> action chunks (B, K, A) in [-1, 1] (dims past an embodiment's action_dim: 0)."""
-        T = state.shape[1]
-        if self.training and self.cfg.horizon_masking and T > 1:  # the last h steps only, h ~ U{1..T}
-            h = int(torch.randint(1, T + 1, ()))
-            images, state, obs_pad = images[:, -h:], state[:, -h:], obs_pad[:, -h:]
+    def forward(self, images, state, obs_pad, dataset_id, random_horizon=False):
+        """images uint8 (B, T, V, 3, H, W) for cfg.views, or their cached ResNet features float (B, T, V, N, 512);
+        state (B, T, S) normalised; obs_pad bool (B, T); dataset_id (B,) -> action chunks (B, K, A) in [-1, 1]
+        (dims past an embodiment's action_dim: 0). random_horizon: the official random_horizon_masking, which
+        loss() turns on (cfg.horizon_masking) whenever it runs, in train or eval mode, as the official
+        compute_loss does; the Policy never does. One draw per modality and batch, the image stem's first (the
+        official stem_process loops over modalities ['image', 'state'] and draws for each); the official batch
+        holds one embodiment, ours may mix them and shares the two draws."""
+        image_pad = state_pad = obs_pad
+        if random_horizon and state.shape[1] > 1:
+            image_pad, state_pad = horizon_mask(obs_pad), horizon_mask(obs_pad)
         groups = [(k, (dataset_id == k).nonzero().squeeze(1)) for k in dataset_id.unique().tolist()]
-        parts = [self.tokenize(k, images[rows], state[rows], obs_pad[rows]) for k, rows in groups]
+        parts = [self.tokenize(k, images[rows], state[rows], image_pad[rows], state_pad[rows]) for k, rows in groups]
         order = torch.cat([rows for _, rows in groups]).argsort()
         tokens = torch.cat(parts)[order]  # (B, 32, d), batch order
         feature = self.trunk(tokens + sinusoid(tokens.shape[1], tokens.shape[2]).to(tokens)).mean(1)  # (B, d)
@@ -356,9 +387,10 @@ def loss(model, batch, norm, cfg, action_dims):
     (action_pad) where the official windows simply never reach; those entries, and dims past a source's
     action size, are left out. Each sample weighs the same (the official mean over a batch)."""
     ids = batch["dataset_id"]
-    images = torch.stack([batch[f"image_{v}"] for v in cfg.views], 2)  # (B, T, V, 3, H, W)
+    key = "features" if f"features_{cfg.views[0]}" in batch else "image"  # cached ResNet features or frames
+    images = torch.stack([batch[f"{key}_{v}"] for v in cfg.views], 2)  # (B, T, V, 3, H, W) or (B, T, V, N, 512)
     state = norm["state"].normalize(batch["state"], ids)  # (B, T, S)
-    pred = model(images, state, batch["obs_pad"], ids)  # (B, K, A)
+    pred = model(images, state, batch["obs_pad"], ids, random_horizon=cfg.horizon_masking)  # (B, K, A)
     A = pred.shape[-1]
     target = norm["action"].normalize(batch["action"][:, -1, :, :A], ids)  # (B, K, A)
     dims = torch.arange(A, device=ids.device) < torch.as_tensor(action_dims, device=ids.device)[ids, None]  # (B, A)
@@ -375,9 +407,12 @@ def loss(model, batch, norm, cfg, action_dims):
 class Policy:
     """Batched over environments. Keeps each environment's last T observations; at an episode start the
     history is the first observation repeated and marked as padding, exactly as data.py pads training
-    windows (so the padded steps are masked out, as in training). Normalises the state, un-normalises
-    the chunk with the statistics of `dataset_id` (MetaWorld's source when there is one) and executes
-    the first action of every predicted chunk (official transfer setting: re-plan at every step)."""
+    windows: the padded steps are masked out and the positions count from the first real step, so each of
+    the first T - 1 steps computes what the official get_action does with the history it grows from length 1
+    (a test checks it). Normalises the state, un-normalises the chunk with the statistics of `dataset_id`
+    (MetaWorld's source when there is one) and executes the first action of every predicted chunk (official
+    transfer setting: re-plan at every step). Frames always go through the ResNet here, cached or not in
+    training."""
 
     def __init__(self, model, stats, dataset_id=0):
         self.model, self.dataset_id = model.eval(), dataset_id
