@@ -29,7 +29,11 @@ lr to all parameters (the official pretraining gives stems and heads 0.5x; its t
 eps is PyTorch's 1e-8 (official 1e-6 / 1e-7) and weight decay skips biases and norms.
 """
 import functools
+import hashlib
+import os
+import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -487,14 +491,75 @@ def embodiments_of(ds, views):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Command line: data -> train -> evaluate in MetaWorld
+# 7. Frozen ResNet: its features computed once (the official precompute_feat)
+
+def cached_features(ds, encoder, weights, device="cpu", batch_size=64, workers=1, log=print):
+    """A frozen ResNet-18 is a fixed function of the frame, so, as the official dataset does, every frame of
+    every source goes through it once, into a float32 memmap (steps, N, 512) beside the source's data index,
+    named by the hash of the weights file, the frame size and the resize: a rerun reuses it, any change makes a
+    new one. Written to a temporary file and renamed, so ranks that race write the same file and one wins.
+    ds: a data.Mixture -> FeatureWindows, the same windows and sampling with features instead of frames."""
+    import data
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    encoder = encoder.to(device).eval()
+    with torch.inference_mode():
+        tokens = encoder(torch.zeros(1, 3, *ds.size, dtype=torch.uint8, device=device)).shape[1]  # N
+    features = {}
+    for sid, src in enumerate(ds.sources):
+        for view in [v for v in ds.views if v in src.views]:
+            path = src.cache / f"hpt-resnet18-{digest}-{ds.size[0]}x{ds.size[1]}-{ds.interpolation}-{view}.npy"
+            if not path.exists():
+                start, tmp = time.time(), path.with_name(f".{path.name}.tmp{os.getpid()}")
+                out = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(src), tokens, 512))
+                frames = data.Mixture([src], views=(view,), image_size=ds.size, interpolation=ds.interpolation)
+                batches = torch.utils.data.DataLoader(frames, batch_size, num_workers=workers,
+                                                      sampler=((0, i, 0) for i in range(len(src))))  # in order
+                with torch.inference_mode():
+                    for i, batch in enumerate(batches):  # frame i of the source is window (0, i) of history 1
+                        x = encoder(batch[f"image_{view}"][:, 0].to(device))  # (n, N, 512)
+                        out[i * batch_size:i * batch_size + len(x)] = x.float().cpu().numpy()
+                out.flush()
+                del out
+                os.replace(tmp, path)
+                log(f"hpt: ResNet-18 features of {len(src):,} {view} frames of {src.name} in "
+                    f"{time.time() - start:.0f} s -> {path}")
+            features[sid, view] = np.load(path, mmap_mode="r")
+    windows = data.Mixture(ds.sources, weights=ds.weights, history=ds.history, chunk=ds.chunk, image_size=ds.size,
+                           views=(), seed=ds.seed)  # no cameras: its windows decode no frame
+    return FeatureWindows(windows, features, ds.views, tokens)
+
+
+class FeatureWindows(torch.utils.data.Dataset):
+    """data.Mixture's windows, with features_<view> float32 (T, N, 512) in place of image_<view>: the cached
+    features of the window's frames (data.py's frames: before the episode start the first one repeats), zeros
+    for a camera the source lacks (its stems never look at them). Sampling is the Mixture's: exact, resumable."""
+
+    def __init__(self, windows, features, views, tokens):
+        self.windows, self.features, self.views, self.tokens = windows, features, views, tokens
+        self.sources, self.weights, self.stats, self.instructions = (windows.sources, windows.weights, windows.stats,
+                                                                     windows.instructions)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, item):
+        sample = self.windows[item]
+        sid, T = sample["dataset_id"], self.windows.history
+        steps = self.sources[sid].start[sample["episode"]] + np.maximum(sample["step"] - T + 1 + np.arange(T), 0)
+        for v in self.views:
+            f = self.features.get((sid, v))
+            sample[f"features_{v}"] = torch.from_numpy(f[steps]) if f is not None else torch.zeros(T, self.tokens, 512)
+        return sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Command line: data -> train -> evaluate in MetaWorld
 
 CPU_STEPS, CPU_BATCH = 600, 32  # the CPU default run (see main)
 
 
 def main():
     import argparse
-    import os
     from dataclasses import replace
     import data
     import eval_sim
@@ -543,11 +608,13 @@ def main():
         ds = data.load(spec, weights=[np.sqrt(s["num_steps"]) for s in ds.stats], **window)
     if len(ds.sources) > 1:
         tcfg = replace(tcfg, find_unused=True)  # a batch may lack an embodiment: its stems and head get no gradient
+    torch.manual_seed(tcfg.seed)  # the initial weights: the same run twice starts from the same model
     model = HPT(cfg, embodiments_of(ds, cfg.views))
     if args.resnet_weights:
         weights = torch.load(args.resnet_weights, map_location="cpu", weights_only=True)
         model.encoder.net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
-        encoder = f"ImageNet ResNet-18 from {args.resnet_weights}, " + ("trained" if cfg.finetune_encoder else "frozen")
+        encoder = f"ImageNet ResNet-18 from {args.resnet_weights}, " + (
+            "trained" if cfg.finetune_encoder else "frozen, its features of every frame cached once")
     else:
         encoder = "ResNet-18 from random init, trained end to end (no --resnet_weights; official: frozen ImageNet)"
     trunk = load_trunk(model.trunk, args.pretrained) if args.pretrained else "random init"
@@ -563,6 +630,12 @@ def main():
               f"{', frozen' if args.freeze_trunk else ''} | obs horizon {cfg.history}, chunk {cfg.chunk}")
     norm = {"state": Limits(ds.stats, "state", ds.state_dim), "action": Limits(ds.stats, "action", model.action_dim)}
     action_dims = [e["action_dim"] for e in model.embodiments]
+    if not cfg.finetune_encoder:  # frozen ImageNet ResNet: train on its features, computed once (the Policy still
+        # runs it on live frames); DDP ranks that find no cache all compute it, as data.prepare does
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if gpu else "cpu")
+        workers = tcfg.workers if tcfg.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+        ds = cached_features(ds, model.encoder, args.resnet_weights, device, workers=workers,
+                             log=print if rank0 else lambda line: None)
     model = train.train(model, functools.partial(loss, norm=norm, cfg=cfg, action_dims=action_dims), ds, tcfg,
                         method="hpt", config={**asdict(cfg), "embodiments": model.embodiments})
 

@@ -3,6 +3,7 @@ computes what the official blocks compute, two embodiments with different camera
 in one batch, masking of padded history and padded actions, a falling loss, data.py's missing_views, and
 pretraining on a real mixture -> fine-tuning MetaWorld on a frozen trunk -> a checkpoint that eval_sim
 rebuilds and runs. Everything but the parameter counts runs the Small trunk on 32 px frames."""
+import hashlib
 import math
 import sys
 from dataclasses import replace
@@ -297,6 +298,63 @@ def test_pretrain_on_a_mixture_then_finetune_metaworld_and_evaluate(bridge_path,
     monkeypatch.setattr(eval_sim, "MAX_STEPS", 50)  # an untrained policy fails: 50 steps, not 500, of ~20 ms each
     results = eval_sim.evaluate(policy, "reach-v3", 1, method="hpt", size=32, workers=1, video=False)
     assert set(results["success"]) == {"reach-v3"}
+
+
+def test_cached_features_give_the_loss_of_live_frames(metaworld_path, tmp_path):
+    cfg = replace(TINY, image_size=64, finetune_encoder=False)  # the official frozen ResNet; 2 x 2 tokens a frame
+    ds = data.load(str(metaworld_path), history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size,
+                   views=cfg.views)
+    torch.manual_seed(0)
+    model = hpt.HPT(cfg, hpt.embodiments_of(ds, cfg.views))
+    torch.save(model.encoder.net.state_dict(), tmp_path / "resnet18.pth")
+    cached = hpt.cached_features(ds, model.encoder, tmp_path / "resnet18.pth", log=lambda line: None)
+    src = ds.sources[0]
+    digest = hashlib.sha256((tmp_path / "resnet18.pth").read_bytes()).hexdigest()[:16]  # the weights' hash
+    files = sorted(src.cache.glob(f"hpt-resnet18-{digest}-*.npy"))  # beside the data index, one per camera
+    assert [f.name for f in files] == [f"hpt-resnet18-{digest}-64x64-bilinear-{v}.npy" for v in ("primary", "wrist")]
+    assert all(np.load(f, mmap_mode="r").shape == (len(src), 4, 512) for f in files)
+    # episode starts (padded history), the middle of an episode and the last step of the data
+    items = [(0, 0, 0), (0, 1, 1), (0, 7, 2), (0, int(src.start[1]), 3), (0, len(src) - 1, 4)]
+    live = torch.utils.data.default_collate([ds[i] for i in items])
+    fast = torch.utils.data.default_collate([cached[i] for i in items])
+    assert "image_primary" not in fast and fast["features_wrist"].shape == (5, 2, 4, 512)
+    norm = {k: hpt.Limits(ds.stats, k, ds.state_dim if k == "state" else 7) for k in ("state", "action")}
+    model.train()  # the frozen ResNet stays in eval mode; dropout and the random horizon draw the same seeded
+    for seed in range(2):
+        torch.manual_seed(seed)
+        expected = hpt.loss(model, live, norm, cfg, [7])[0]
+        torch.manual_seed(seed)
+        torch.testing.assert_close(hpt.loss(model, fast, norm, cfg, [7])[0], expected, atol=1e-6, rtol=1e-5)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    hpt.cached_features(ds, model.encoder, tmp_path / "resnet18.pth", log=lambda line: pytest.fail(line))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # computed once: a rerun reads the same files
+
+
+def test_training_on_cached_features_resumes_exactly(metaworld_path, tmp_path, monkeypatch, capsys):
+    # ~5-8 s: three short runs of main() (4 steps, 2 + crash, 2 more) with dropout, drop path and the random horizon
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    flags = ["--data", str(metaworld_path), "--resnet_weights", str(tmp_path / "resnet18.pth"), "--history", "2",
+             "--image_size", "32", "--workers", "0", "--batch_size", "6", "--warmup", "1", "--steps", "4",
+             "--ckpt_every", "2", "--eval_episodes", "0"]
+    run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "straight"))
+    calls, loss = [], hpt.loss
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(hpt, "loss", crash_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "resumed"))
+    run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "resumed"))
+    out = capsys.readouterr().out
+    assert "frozen, its features of every frame cached once" in out and "resuming" in out
+    assert out.count("ResNet-18 features of") == 1  # the first run computed them, the others read them
+    import train
+    straight, resumed = (train.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_policy_history_pads_like_data_py_and_starts_as_the_official_policy():
