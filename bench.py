@@ -242,7 +242,10 @@ def bench_feature_pass(path, quick, device):
                                 workers=0 if quick else max(1, (os.cpu_count() or 2) - 1), log=lambda line: None)
             seconds = time.perf_counter() - start
         finally:
-            os.environ.pop("NANOROBOT_CACHE") if old is None else os.environ.update(NANOROBOT_CACHE=old)
+            if old is None:
+                del os.environ["NANOROBOT_CACHE"]
+            else:
+                os.environ["NANOROBOT_CACHE"] = old
     return len(ds), seconds
 
 
@@ -310,7 +313,7 @@ def main(argv=None):
         print(f"\nHPT, frozen ResNet-18 at {32 if args.quick else 224} px: live frames vs cached features "
               f"(interleaved steps, batch {B})")
         print(f"{'trunk':<6} {'frames':>6} {'live samples/s':>15} {'cached samples/s':>17} {'speed-up':>9}")
-        for r in bench_hpt_features(B, steps, args.quick, device, amp):
+        for r in bench_hpt_features(B, 1 if args.quick else steps, args.quick, device, amp):
             print(f"{r['size']:<6} {r['history']:>6} {r['live']:>15.2f} {r['cached']:>17.2f} "
                   f"{r['cached'] / r['live']:>8.2f}x")
         if os.path.exists(path):

@@ -17,16 +17,22 @@ stems and head; only the trunk is shared, and only the trunk is what a pretraine
         --lr 1e-3 --min_lr 1e-6 --weight_decay 0.05 --warmup 1000 --steps 800000 --batch_size 2048
     python hpt.py --pretrained runs/hpt_pre/ckpt.pt --freeze_trunk   # transfer: new stems + head, loaded trunk
     python hpt.py --pretrained hpt-base/trunk.pth --size base        # a released trunk (HF liruiw/hpt-base)
+    python hpt.py --resnet_weights resnet18-f37072fd.pth             # frozen ImageNet ResNet-18, features cached
     torchrun --nproc_per_node=8 hpt.py --data PATH
     python eval_sim.py evaluate --ckpt runs/hpt/ckpt.pt --tasks mt10 --episodes 20
 
-Differences from the official code, each for a reason given where it happens: a batch may mix embodiments
-(grouped by dataset_id inside HPT.forward; official: one per batch); training windows near an episode's
-ends are kept, with padded history masked in the stems and padded actions left out of the loss (official:
-such windows are never drawn); the normalisation statistics travel in the checkpoint's `stats`, not as
-buffers; without --resnet_weights the ResNet-18 trains from scratch (no downloads here). train.py gives one
-lr to all parameters (the official pretraining gives stems and heads 0.5x; its transfer recipe 1x), AdamW's
-eps is PyTorch's 1e-8 (official 1e-6 / 1e-7) and weight decay skips biases and norms.
+Differences from the official code, each for a reason given where it happens (the README's HPT section lists
+them all): a batch may mix embodiments (grouped by dataset_id inside HPT.forward; official: one per batch);
+training windows near an episode's ends are kept, with padded history masked in the stems and padded actions
+left out of the loss (official: such windows are never drawn); the random horizon is a mask over the whole
+window (the masked steps still pass the stem MLPs), drawn with torch's generator; without --resnet_weights
+the ResNet-18 trains from scratch (no downloads here); the image position table is added also when it trains;
+frames are resized by data.py (antialiased bilinear; official: cv2 bilinear to 224); the normalisation
+statistics travel in the checkpoint's `stats`, not as buffers; no episodes are held out for validation.
+train.py gives one lr to all parameters (the official pretraining gives stems and heads 0.5x; its transfer
+recipe 1x), AdamW's eps is PyTorch's 1e-8 (official 1e-6 / 1e-7) and weight decay skips biases and norms.
+With --resnet_weights the frozen ResNet's features of every frame are computed once and cached, as the
+official dataset precomputes them (cached_features); the Policy runs the ResNet on live frames.
 """
 import functools
 import hashlib
@@ -448,6 +454,7 @@ class Policy:
             if f"image_{v}" not in obs:
                 raise KeyError(f"hpt policy: the model uses camera '{v}' but the observation has {sorted(obs)}")
             x = torch.as_tensor(np.asarray(obs[f"image_{v}"]))
+            # resized as data.py resizes for training (antialiased bilinear on uint8; official: cv2.resize to 224)
             frames.append(x if x.shape[-2:] == (size, size) else TF.resize(x, [size, size], antialias=True))
         raw = torch.as_tensor(np.asarray(obs["state"]), dtype=torch.float32)
         if raw.shape[1] != e["state_dim"]:
@@ -510,17 +517,20 @@ def cached_features(ds, encoder, weights, device="cpu", batch_size=64, workers=1
             path = src.cache / f"hpt-resnet18-{digest}-{ds.size[0]}x{ds.size[1]}-{ds.interpolation}-{view}.npy"
             if not path.exists():
                 start, tmp = time.time(), path.with_name(f".{path.name}.tmp{os.getpid()}")
-                out = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(src), tokens, 512))
                 frames = data.Mixture([src], views=(view,), image_size=ds.size, interpolation=ds.interpolation)
                 batches = torch.utils.data.DataLoader(frames, batch_size, num_workers=workers,
                                                       sampler=((0, i, 0) for i in range(len(src))))  # in order
-                with torch.inference_mode():
-                    for i, batch in enumerate(batches):  # frame i of the source is window (0, i) of history 1
-                        x = encoder(batch[f"image_{view}"][:, 0].to(device))  # (n, N, 512)
-                        out[i * batch_size:i * batch_size + len(x)] = x.float().cpu().numpy()
-                out.flush()
-                del out
-                os.replace(tmp, path)
+                try:
+                    out = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(src), tokens, 512))
+                    with torch.inference_mode():
+                        for i, batch in enumerate(batches):  # frame i of the source is window (0, i) of history 1
+                            x = encoder(batch[f"image_{view}"][:, 0].to(device))  # (n, N, 512)
+                            out[i * batch_size:i * batch_size + len(x)] = x.float().cpu().numpy()
+                    out.flush()
+                    del out
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)  # an interrupted pass leaves no half-written file behind
                 log(f"hpt: ResNet-18 features of {len(src):,} {view} frames of {src.name} in "
                     f"{time.time() - start:.0f} s -> {path}")
             features[sid, view] = np.load(path, mmap_mode="r")
@@ -602,7 +612,7 @@ def main():
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
                   history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size, views=cfg.views,
                   missing_views="zeros", seed=tcfg.seed)
-    ds = data.load(spec, **window)
+    ds = data.load(spec, **window)  # every episode of the split trains (official: 10% held out for validation)
     if len(ds.sources) > 1 and data.parse_sources(spec)[1] is None:
         # official temperature sampling, T = 2: a dataset's weight is proportional to sqrt(its size)
         ds = data.load(spec, weights=[np.sqrt(s["num_steps"]) for s in ds.stats], **window)

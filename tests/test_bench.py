@@ -1,7 +1,12 @@
 """bench.py --quick: every method's training step runs, its FLOPs are counted, the table, HPT's live-vs-cached
 features table and the data and eval_sim rows print (tiny configurations on the CPU; the one real MetaWorld
 episode takes ~10 s)."""
+import pytest
+
 import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models; on the 2 cores shared with other
+# work the quick run took 37 s and 177 s with 2 threads, 21 s with one at the same load
 
 
 def test_quick_runs_every_method_and_prints_one_table(droid_path, capsys):
