@@ -4,6 +4,7 @@
     python bench.py --methods rt1,hpt-base --steps 20
     python bench.py --quick                # tiny configurations on the CPU in under a minute (tests/test_bench.py)
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
+    python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
 and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
@@ -11,6 +12,11 @@ method's loss reads (random pixels and actions: this measures the model, not the
 FLOPs are counted with torch.utils.flop_counter over one training step (forward + backward); MFU is the
 counted FLOP/s over the GPU's dense bf16 peak from the PEAK table ("-" for a CPU or an unknown GPU). Frozen
 parts (GR-1's MAE, HPT's ResNet-18 when frozen) run their forward inside the step and count.
+
+With an hpt method, a second table compares HPT's training step on live frames (the frozen ResNet-18 inside the
+step, as in the rows above) with the step on the same frames' cached features (what hpt.py trains on with
+--resnet_weights), Small with 1 frame and Base with 4, timed interleaved step by step on one batch; and the
+one-time feature pass (hpt.cached_features: decode, resize, ResNet-18, write) over the data row's dataset.
 """
 import argparse
 import contextlib
@@ -185,6 +191,64 @@ def bench_method(name, B, steps, quick, device, amp, compiles):
     return row
 
 
+def bench_hpt_features(B, steps, quick, device, amp):
+    """HPT with a frozen ResNet-18: samples/s of the training step on live frames and on their cached features,
+    interleaved (live, cached, live, ...) so that a machine shared with other work slows both alike."""
+    import hpt
+    import train
+    rows = []
+    for size, history in (("small", 1), ("base", 4)):  # the transfer and the pretraining observation horizons
+        cfg = hpt.Config(image_size=32, history=history, chunk=4, size=size) if quick else \
+            hpt.Config(size=size, history=history)
+        norm = {k: hpt.Limits([stats(7, 7)], k, 7) for k in ("state", "action")}
+        torch.manual_seed(0)
+        model = hpt.HPT(cfg, [{"name": "bench", "state_dim": 7, "action_dim": 7, "views": [0]}]).to(device).train()
+        live = train.to_device(batch(B, history, cfg.chunk, cfg.image_size), device)
+        with torch.no_grad():
+            features = model.encoder(live["image_primary"].flatten(0, 1)).unflatten(0, (B, history))  # (B, T, N, 512)
+        cached = {k: v for k, v in live.items() if k != "image_primary"} | {"features_primary": features}
+        step = step_fn(model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]), train.make_optimizer(
+            model, train.TrainConfig(), device), amp, device)
+        seconds = {"live": 0.0, "cached": 0.0}
+        for i in range(1 + steps):  # a warm-up round, then the timed ones
+            for name, b in (("live", live), ("cached", cached)):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step(b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] += (time.perf_counter() - start) * (i > 0)
+        rows.append({"size": size, "history": history, "batch": B,
+                     **{k: B * steps / v for k, v in seconds.items()}})
+    return rows
+
+
+def bench_feature_pass(path, quick, device):
+    """hpt.cached_features over every primary frame of `path`, in a throw-away cache folder (data.prepare is
+    not timed) -> (frames, seconds)."""
+    import tempfile
+    import data
+    import hpt
+    old = os.environ.get("NANOROBOT_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["NANOROBOT_CACHE"] = tmp
+        try:
+            ds = data.load(path, image_size=32 if quick else 224)
+            encoder = hpt.ResNetFeatures(frozen=True)
+            torch.save(encoder.net.state_dict(), os.path.join(tmp, "resnet18.pth"))
+            start = time.perf_counter()
+            hpt.cached_features(ds, encoder, os.path.join(tmp, "resnet18.pth"), device, batch_size=256,
+                                workers=0 if quick else max(1, (os.cpu_count() or 2) - 1), log=lambda line: None)
+            seconds = time.perf_counter() - start
+        finally:
+            if old is None:
+                del os.environ["NANOROBOT_CACHE"]
+            else:
+                os.environ["NANOROBOT_CACHE"] = old
+    return len(ds), seconds
+
+
 def bench_data(path, quick):
     """data.py: decoded + resized frames/s through the DataLoader (real files, all workers)."""
     import data
@@ -244,6 +308,18 @@ def main(argv=None):
 
     import eval_sim
     path = args.data or os.path.join(eval_sim.data_dir("mt10", 50), eval_sim.VERSION)
+    if any(name.startswith("hpt") for name in args.methods.split(",")):
+        B = args.batch or (4 if args.quick else CASES["hpt-base"][1] if device.type == "cuda" else 2)
+        print(f"\nHPT, frozen ResNet-18 at {32 if args.quick else 224} px: live frames vs cached features "
+              f"(interleaved steps, batch {B})")
+        print(f"{'trunk':<6} {'frames':>6} {'live samples/s':>15} {'cached samples/s':>17} {'speed-up':>9}")
+        for r in bench_hpt_features(B, 1 if args.quick else steps, args.quick, device, amp):
+            print(f"{r['size']:<6} {r['history']:>6} {r['live']:>15.2f} {r['cached']:>17.2f} "
+                  f"{r['cached'] / r['live']:>8.2f}x")
+        if os.path.exists(path):
+            frames, seconds = bench_feature_pass(path, args.quick, device)
+            print(f"feature pass, once: {frames:,} frames in {seconds:.1f} s, {frames / seconds:,.1f} frames/s "
+                  f"(decode, resize, ResNet-18, write) from {path}")
     if os.path.exists(path):
         print(f"\ndata.py: {bench_data(path, args.quick):,.0f} samples/s (1 frame each) from {path}")
     else:

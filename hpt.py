@@ -17,19 +17,29 @@ stems and head; only the trunk is shared, and only the trunk is what a pretraine
         --lr 1e-3 --min_lr 1e-6 --weight_decay 0.05 --warmup 1000 --steps 800000 --batch_size 2048
     python hpt.py --pretrained runs/hpt_pre/ckpt.pt --freeze_trunk   # transfer: new stems + head, loaded trunk
     python hpt.py --pretrained hpt-base/trunk.pth --size base        # a released trunk (HF liruiw/hpt-base)
+    python hpt.py --resnet_weights resnet18-f37072fd.pth             # frozen ImageNet ResNet-18, features cached
     torchrun --nproc_per_node=8 hpt.py --data PATH
     python eval_sim.py evaluate --ckpt runs/hpt/ckpt.pt --tasks mt10 --episodes 20
 
-Differences from the official code, each for a reason given where it happens: a batch may mix embodiments
-(grouped by dataset_id inside HPT.forward; official: one per batch); training windows near an episode's
-ends are kept, with padded history masked in the stems and padded actions left out of the loss (official:
-such windows are never drawn); the normalisation statistics travel in the checkpoint's `stats`, not as
-buffers; without --resnet_weights the ResNet-18 trains from scratch (no downloads here). train.py gives one
-lr to all parameters (the official pretraining gives stems and heads 0.5x; its transfer recipe 1x), AdamW's
-eps is PyTorch's 1e-8 (official 1e-6 / 1e-7) and weight decay skips biases and norms.
+Differences from the official code, each for a reason given where it happens (the README's HPT section lists
+them all): a batch may mix embodiments (grouped by dataset_id inside HPT.forward; official: one per batch);
+training windows near an episode's ends are kept, with padded history masked in the stems and padded actions
+left out of the loss (official: such windows are never drawn); the random horizon is a mask over the whole
+window (the masked steps still pass the stem MLPs), drawn with torch's generator; without --resnet_weights
+the ResNet-18 trains from scratch (no downloads here); the image position table is added also when it trains;
+frames are resized by data.py (antialiased bilinear; official: cv2 bilinear to 224); the normalisation
+statistics travel in the checkpoint's `stats`, not as buffers; no episodes are held out for validation.
+train.py gives one lr to all parameters (the official pretraining gives stems and heads 0.5x; its transfer
+recipe 1x), AdamW's eps is PyTorch's 1e-8 (official 1e-6 / 1e-7) and weight decay skips biases and norms.
+With --resnet_weights the frozen ResNet's features of every frame are computed once and cached, as the
+official dataset precomputes them (cached_features); the Policy runs the ResNet on live frames.
 """
 import functools
+import hashlib
+import os
+import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,7 +68,8 @@ class Config:
     stem_dropout: float = 0.1         # on the stems' attention probabilities (crossattn_modality_dropout)
     head_widths: tuple = (256, 128)   # hidden widths of the MLP action head
     head_dropout: float = 0.1         # after the head's second linear layer (dropout: True -> p 0.1)
-    horizon_masking: bool = True      # random_horizon_masking: train on the last h ~ U{1..T} observation steps
+    horizon_masking: bool = True      # random_horizon_masking: whenever the loss runs, the image and the state
+                                      # stem each see only their last h ~ U{1..T} steps (one draw per modality)
     finetune_encoder: bool = False    # train the ResNet-18 too (official default: frozen ImageNet features)
     beta: float = 0.05                # smooth-L1 threshold of the loss on [-1, 1]-normalised actions
 
@@ -69,6 +80,28 @@ def sinusoid(n, dim):
     sin on even j, cos on odd j."""
     angle = torch.arange(n, dtype=torch.float64)[:, None] / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
     return torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos()).float()
+
+
+def positions(pad, per_step, dim):
+    """(b, T * per_step, dim) rows of the position table for T steps of per_step inputs each, numbered from 0
+    at the first step kept: pad (b, T) marks the steps left out, always a prefix (history before the episode
+    start, or cut by horizon_mask). The official stem_process numbers from 0 whatever window it is given: a
+    shorter one at an episode start (Policy.get_action grows its history from 1), the last h steps under random
+    horizon masking. Left-out steps get row 0; the cross-attention never looks at them."""
+    T = pad.shape[1]
+    first = pad.sum(1, keepdim=True) * per_step  # (b, 1) inputs before the first kept step
+    index = (torch.arange(T * per_step, device=pad.device) - first).clamp(min=0)  # (b, T * per_step)
+    return sinusoid(T * per_step, dim).to(pad.device)[index]
+
+
+def horizon_mask(pad):
+    """Official random_horizon_masking as a tensor op: h ~ U{1..T}, and every step but the last h joins the
+    left-out prefix (b, T). With positions() numbering from the first kept step this computes what the official
+    slice x[:, T - h:] does, but the shapes never change and h never leaves the device, so torch.compile
+    neither breaks the graph nor recompiles between steps (official: np.random.randint, then a slice)."""
+    T = pad.shape[1]
+    h = torch.randint(1, T + 1, (), device=pad.device)
+    return pad | (torch.arange(T, device=pad.device) < T - h)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,33 +280,41 @@ class HPT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def tokenize(self, k, images, state, obs_pad):
-        """Embodiment k's stems: images uint8 (b, T, V, 3, H, W), state (b, T, S), obs_pad (b, T) -> (b, 32, d).
-        Position tables on the raw inputs as the official stem_process: over the T*V*49 image features
-        (width 512) and over the T state vectors (width state_dim). History steps before the episode start
-        (obs_pad; data.py repeats the first frame there) are masked out of the cross-attention. With
-        finetune_encoder the official code skips the image table (raw encoder output into the MLP); here it
-        is added in both modes, so that they differ only in what trains."""
+    def tokenize(self, k, images, state, image_pad, state_pad):
+        """Embodiment k's stems: images uint8 (b, T, V, 3, H, W) or their ResNet features (b, T, V, N, 512),
+        state (b, T, S), image_pad / state_pad (b, T) the steps each stem leaves out -> (b, 32, d).
+        Position tables on the raw inputs as the official stem_process: over the T*V*N image features (width
+        512) and over the T state vectors (width state_dim), numbered from the first step kept (positions).
+        Left-out steps (history before the episode start, where data.py repeats the first frame, and steps cut
+        by the random horizon) are masked out of the cross-attention. With finetune_encoder the official code
+        skips the image table (raw encoder output into the MLP); here it is added in both modes, so that they
+        differ only in what trains."""
         e, stems = self.embodiments[k], self.stems[k]
         b, T = state.shape[:2]
-        frames = images[:, :, e["views"]]  # (b, T, V, 3, H, W)
-        feats = self.encoder(frames.flatten(0, 2))  # (b*T*V, N, 512)
-        feats = feats.unflatten(0, (b, -1)).flatten(1, 2)  # (b, T*V*N, 512) in (t, view, position) order
-        keep = ~obs_pad  # (b, T)
-        image_mask = keep[:, :, None].expand(b, T, feats.shape[1] // T).flatten(1)
-        image = stems["image"](feats + sinusoid(feats.shape[1], 512).to(feats), image_mask)
+        feats = images[:, :, e["views"]]  # (b, T, V, 3, H, W) frames or (b, T, V, N, 512) cached features
+        if feats.dtype == torch.uint8:  # frames: through the ResNet here (cached_features did it once otherwise)
+            feats = self.encoder(feats.flatten(0, 2)).unflatten(0, (b, T, -1))  # (b, T, V, N, 512)
+        feats = feats.flatten(1, 3)  # (b, T*V*N, 512) in (t, view, position) order
+        per_step = feats.shape[1] // T
+        image_keep = ~image_pad[:, :, None].expand(b, T, per_step).flatten(1)  # (b, T*V*N)
+        image = stems["image"](feats + positions(image_pad, per_step, 512).to(feats), image_keep)
         s = state[..., :e["state_dim"]]  # one token per step from the whole proprio vector
-        return torch.cat([image, stems["state"](s + sinusoid(T, s.shape[-1]).to(s), keep)], 1)  # (b, 32, d)
+        state = stems["state"](s + positions(state_pad, 1, s.shape[-1]).to(s), ~state_pad)
+        return torch.cat([image, state], 1)  # (b, 32, d)
 
-    def forward(self, images, state, obs_pad, dataset_id):
-        """images uint8 (B, T, V, 3, H, W) for cfg.views; state (B, T, S) normalised; obs_pad bool (B, T);
-        dataset_id (B,) -> action chunks (B, K, A) in [-1, 1] (dims past an embodiment's action_dim: 0)."""
-        T = state.shape[1]
-        if self.training and self.cfg.horizon_masking and T > 1:  # the last h steps only, h ~ U{1..T}
-            h = int(torch.randint(1, T + 1, ()))
-            images, state, obs_pad = images[:, -h:], state[:, -h:], obs_pad[:, -h:]
+    def forward(self, images, state, obs_pad, dataset_id, random_horizon=False):
+        """images uint8 (B, T, V, 3, H, W) for cfg.views, or their cached ResNet features float (B, T, V, N, 512);
+        state (B, T, S) normalised; obs_pad bool (B, T); dataset_id (B,) -> action chunks (B, K, A) in [-1, 1]
+        (dims past an embodiment's action_dim: 0). random_horizon: the official random_horizon_masking, which
+        loss() turns on (cfg.horizon_masking) whenever it runs, in train or eval mode, as the official
+        compute_loss does; the Policy never does. One draw per modality and batch, the image stem's first (the
+        official stem_process loops over modalities ['image', 'state'] and draws for each); the official batch
+        holds one embodiment, ours may mix them and shares the two draws."""
+        image_pad = state_pad = obs_pad
+        if random_horizon and state.shape[1] > 1:
+            image_pad, state_pad = horizon_mask(obs_pad), horizon_mask(obs_pad)
         groups = [(k, (dataset_id == k).nonzero().squeeze(1)) for k in dataset_id.unique().tolist()]
-        parts = [self.tokenize(k, images[rows], state[rows], obs_pad[rows]) for k, rows in groups]
+        parts = [self.tokenize(k, images[rows], state[rows], image_pad[rows], state_pad[rows]) for k, rows in groups]
         order = torch.cat([rows for _, rows in groups]).argsort()
         tokens = torch.cat(parts)[order]  # (B, 32, d), batch order
         feature = self.trunk(tokens + sinusoid(tokens.shape[1], tokens.shape[2]).to(tokens)).mean(1)  # (B, d)
@@ -356,9 +397,10 @@ def loss(model, batch, norm, cfg, action_dims):
     (action_pad) where the official windows simply never reach; those entries, and dims past a source's
     action size, are left out. Each sample weighs the same (the official mean over a batch)."""
     ids = batch["dataset_id"]
-    images = torch.stack([batch[f"image_{v}"] for v in cfg.views], 2)  # (B, T, V, 3, H, W)
+    key = "features" if f"features_{cfg.views[0]}" in batch else "image"  # cached ResNet features or frames
+    images = torch.stack([batch[f"{key}_{v}"] for v in cfg.views], 2)  # (B, T, V, 3, H, W) or (B, T, V, N, 512)
     state = norm["state"].normalize(batch["state"], ids)  # (B, T, S)
-    pred = model(images, state, batch["obs_pad"], ids)  # (B, K, A)
+    pred = model(images, state, batch["obs_pad"], ids, random_horizon=cfg.horizon_masking)  # (B, K, A)
     A = pred.shape[-1]
     target = norm["action"].normalize(batch["action"][:, -1, :, :A], ids)  # (B, K, A)
     dims = torch.arange(A, device=ids.device) < torch.as_tensor(action_dims, device=ids.device)[ids, None]  # (B, A)
@@ -375,9 +417,12 @@ def loss(model, batch, norm, cfg, action_dims):
 class Policy:
     """Batched over environments. Keeps each environment's last T observations; at an episode start the
     history is the first observation repeated and marked as padding, exactly as data.py pads training
-    windows (so the padded steps are masked out, as in training). Normalises the state, un-normalises
-    the chunk with the statistics of `dataset_id` (MetaWorld's source when there is one) and executes
-    the first action of every predicted chunk (official transfer setting: re-plan at every step)."""
+    windows: the padded steps are masked out and the positions count from the first real step, so each of
+    the first T - 1 steps computes what the official get_action does with the history it grows from length 1
+    (a test checks it). Normalises the state, un-normalises the chunk with the statistics of `dataset_id`
+    (MetaWorld's source when there is one) and executes the first action of every predicted chunk (official
+    transfer setting: re-plan at every step). Frames always go through the ResNet here, cached or not in
+    training."""
 
     def __init__(self, model, stats, dataset_id=0):
         self.model, self.dataset_id = model.eval(), dataset_id
@@ -409,6 +454,7 @@ class Policy:
             if f"image_{v}" not in obs:
                 raise KeyError(f"hpt policy: the model uses camera '{v}' but the observation has {sorted(obs)}")
             x = torch.as_tensor(np.asarray(obs[f"image_{v}"]))
+            # resized as data.py resizes for training (antialiased bilinear on uint8; official: cv2.resize to 224)
             frames.append(x if x.shape[-2:] == (size, size) else TF.resize(x, [size, size], antialias=True))
         raw = torch.as_tensor(np.asarray(obs["state"]), dtype=torch.float32)
         if raw.shape[1] != e["state_dim"]:
@@ -452,14 +498,78 @@ def embodiments_of(ds, views):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Command line: data -> train -> evaluate in MetaWorld
+# 7. Frozen ResNet: its features computed once (the official precompute_feat)
+
+def cached_features(ds, encoder, weights, device="cpu", batch_size=64, workers=1, log=print):
+    """A frozen ResNet-18 is a fixed function of the frame, so, as the official dataset does, every frame of
+    every source goes through it once, into a float32 memmap (steps, N, 512) beside the source's data index,
+    named by the hash of the weights file, the frame size and the resize: a rerun reuses it, any change makes a
+    new one. Written to a temporary file and renamed, so ranks that race write the same file and one wins.
+    ds: a data.Mixture -> FeatureWindows, the same windows and sampling with features instead of frames."""
+    import data
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    encoder = encoder.to(device).eval()
+    with torch.inference_mode():
+        tokens = encoder(torch.zeros(1, 3, *ds.size, dtype=torch.uint8, device=device)).shape[1]  # N
+    features = {}
+    for sid, src in enumerate(ds.sources):
+        for view in [v for v in ds.views if v in src.views]:
+            path = src.cache / f"hpt-resnet18-{digest}-{ds.size[0]}x{ds.size[1]}-{ds.interpolation}-{view}.npy"
+            if not path.exists():
+                start, tmp = time.time(), path.with_name(f".{path.name}.tmp{os.getpid()}")
+                frames = data.Mixture([src], views=(view,), image_size=ds.size, interpolation=ds.interpolation)
+                batches = torch.utils.data.DataLoader(frames, batch_size, num_workers=workers,
+                                                      sampler=((0, i, 0) for i in range(len(src))))  # in order
+                try:
+                    out = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(src), tokens, 512))
+                    with torch.inference_mode():
+                        for i, batch in enumerate(batches):  # frame i of the source is window (0, i) of history 1
+                            x = encoder(batch[f"image_{view}"][:, 0].to(device))  # (n, N, 512)
+                            out[i * batch_size:i * batch_size + len(x)] = x.float().cpu().numpy()
+                    out.flush()
+                    del out
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)  # an interrupted pass leaves no half-written file behind
+                log(f"hpt: ResNet-18 features of {len(src):,} {view} frames of {src.name} in "
+                    f"{time.time() - start:.0f} s -> {path}")
+            features[sid, view] = np.load(path, mmap_mode="r")
+    windows = data.Mixture(ds.sources, weights=ds.weights, history=ds.history, chunk=ds.chunk, image_size=ds.size,
+                           views=(), seed=ds.seed)  # no cameras: its windows decode no frame
+    return FeatureWindows(windows, features, ds.views, tokens)
+
+
+class FeatureWindows(torch.utils.data.Dataset):
+    """data.Mixture's windows, with features_<view> float32 (T, N, 512) in place of image_<view>: the cached
+    features of the window's frames (data.py's frames: before the episode start the first one repeats), zeros
+    for a camera the source lacks (its stems never look at them). Sampling is the Mixture's: exact, resumable."""
+
+    def __init__(self, windows, features, views, tokens):
+        self.windows, self.features, self.views, self.tokens = windows, features, views, tokens
+        self.sources, self.weights, self.stats, self.instructions = (windows.sources, windows.weights, windows.stats,
+                                                                     windows.instructions)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, item):
+        sample = self.windows[item]
+        sid, T = sample["dataset_id"], self.windows.history
+        steps = self.sources[sid].start[sample["episode"]] + np.maximum(sample["step"] - T + 1 + np.arange(T), 0)
+        for v in self.views:
+            f = self.features.get((sid, v))
+            sample[f"features_{v}"] = torch.from_numpy(f[steps]) if f is not None else torch.zeros(T, self.tokens, 512)
+        return sample
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Command line: data -> train -> evaluate in MetaWorld
 
 CPU_STEPS, CPU_BATCH = 600, 32  # the CPU default run (see main)
 
 
 def main():
     import argparse
-    import os
     from dataclasses import replace
     import data
     import eval_sim
@@ -502,17 +612,19 @@ def main():
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
                   history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size, views=cfg.views,
                   missing_views="zeros", seed=tcfg.seed)
-    ds = data.load(spec, **window)
+    ds = data.load(spec, **window)  # every episode of the split trains (official: 10% held out for validation)
     if len(ds.sources) > 1 and data.parse_sources(spec)[1] is None:
         # official temperature sampling, T = 2: a dataset's weight is proportional to sqrt(its size)
         ds = data.load(spec, weights=[np.sqrt(s["num_steps"]) for s in ds.stats], **window)
     if len(ds.sources) > 1:
         tcfg = replace(tcfg, find_unused=True)  # a batch may lack an embodiment: its stems and head get no gradient
+    torch.manual_seed(tcfg.seed)  # the initial weights: the same run twice starts from the same model
     model = HPT(cfg, embodiments_of(ds, cfg.views))
     if args.resnet_weights:
         weights = torch.load(args.resnet_weights, map_location="cpu", weights_only=True)
         model.encoder.net.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
-        encoder = f"ImageNet ResNet-18 from {args.resnet_weights}, " + ("trained" if cfg.finetune_encoder else "frozen")
+        encoder = f"ImageNet ResNet-18 from {args.resnet_weights}, " + (
+            "trained" if cfg.finetune_encoder else "frozen, its features of every frame cached once")
     else:
         encoder = "ResNet-18 from random init, trained end to end (no --resnet_weights; official: frozen ImageNet)"
     trunk = load_trunk(model.trunk, args.pretrained) if args.pretrained else "random init"
@@ -528,6 +640,12 @@ def main():
               f"{', frozen' if args.freeze_trunk else ''} | obs horizon {cfg.history}, chunk {cfg.chunk}")
     norm = {"state": Limits(ds.stats, "state", ds.state_dim), "action": Limits(ds.stats, "action", model.action_dim)}
     action_dims = [e["action_dim"] for e in model.embodiments]
+    if not cfg.finetune_encoder:  # frozen ImageNet ResNet: train on its features, computed once (the Policy still
+        # runs it on live frames); DDP ranks that find no cache all compute it, as data.prepare does
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if gpu else "cpu")
+        workers = tcfg.workers if tcfg.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+        ds = cached_features(ds, model.encoder, args.resnet_weights, device, workers=workers,
+                             log=print if rank0 else lambda line: None)
     model = train.train(model, functools.partial(loss, norm=norm, cfg=cfg, action_dims=action_dims), ds, tcfg,
                         method="hpt", config={**asdict(cfg), "embodiments": model.embodiments})
 

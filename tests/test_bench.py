@@ -1,6 +1,12 @@
-"""bench.py --quick: every method's training step runs, its FLOPs are counted, the table and the data and
-eval_sim rows print (tiny configurations on the CPU; the one real MetaWorld episode takes ~10 s)."""
+"""bench.py --quick: every method's training step runs, its FLOPs are counted, the table, HPT's live-vs-cached
+features table and the data and eval_sim rows print (tiny configurations on the CPU; the one real MetaWorld
+episode takes ~10 s)."""
+import pytest
+
 import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models; on the 2 cores shared with other
+# work the quick run took 37 s and 177 s with 2 threads, 21 s with one at the same load
 
 
 def test_quick_runs_every_method_and_prints_one_table(droid_path, capsys):
@@ -12,6 +18,12 @@ def test_quick_runs_every_method_and_prints_one_table(droid_path, capsys):
         assert r["mfu"] is None  # no GPU peak on a CPU
         assert r["method"] in out
     assert "samples/s (1 frame each)" in out and "episodes/min" in out
+    # HPT's frozen ResNet: steps on live frames vs cached features (Small, Base), and the one-time feature pass
+    table = out[out.index("live frames vs cached features"):].splitlines()
+    for line, size in zip(table[2:4], ("small", "base")):
+        name, frames, live, cached, speedup = line.split()
+        assert name == size and float(live) > 0 and float(cached) > 0 and speedup.endswith("x"), line
+    assert table[4].startswith("feature pass, once: ") and f"from {droid_path}" in table[4]
 
 
 def test_flop_count_of_a_linear_layer():

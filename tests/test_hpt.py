@@ -3,6 +3,7 @@ computes what the official blocks compute, two embodiments with different camera
 in one batch, masking of padded history and padded actions, a falling loss, data.py's missing_views, and
 pretraining on a real mixture -> fine-tuning MetaWorld on a frozen trunk -> a checkpoint that eval_sim
 rebuilds and runs. Everything but the parameter counts runs the Small trunk on 32 px frames."""
+import hashlib
 import math
 import sys
 from dataclasses import replace
@@ -299,7 +300,64 @@ def test_pretrain_on_a_mixture_then_finetune_metaworld_and_evaluate(bridge_path,
     assert set(results["success"]) == {"reach-v3"}
 
 
-def test_policy_history_pads_like_data_py():
+def test_cached_features_give_the_loss_of_live_frames(metaworld_path, tmp_path):
+    cfg = replace(TINY, image_size=64, finetune_encoder=False)  # the official frozen ResNet; 2 x 2 tokens a frame
+    ds = data.load(str(metaworld_path), history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size,
+                   views=cfg.views)
+    torch.manual_seed(0)
+    model = hpt.HPT(cfg, hpt.embodiments_of(ds, cfg.views))
+    torch.save(model.encoder.net.state_dict(), tmp_path / "resnet18.pth")
+    cached = hpt.cached_features(ds, model.encoder, tmp_path / "resnet18.pth", log=lambda line: None)
+    src = ds.sources[0]
+    digest = hashlib.sha256((tmp_path / "resnet18.pth").read_bytes()).hexdigest()[:16]  # the weights' hash
+    files = sorted(src.cache.glob(f"hpt-resnet18-{digest}-*.npy"))  # beside the data index, one per camera
+    assert [f.name for f in files] == [f"hpt-resnet18-{digest}-64x64-bilinear-{v}.npy" for v in ("primary", "wrist")]
+    assert all(np.load(f, mmap_mode="r").shape == (len(src), 4, 512) for f in files)
+    # episode starts (padded history), the middle of an episode and the last step of the data
+    items = [(0, 0, 0), (0, 1, 1), (0, 7, 2), (0, int(src.start[1]), 3), (0, len(src) - 1, 4)]
+    live = torch.utils.data.default_collate([ds[i] for i in items])
+    fast = torch.utils.data.default_collate([cached[i] for i in items])
+    assert "image_primary" not in fast and fast["features_wrist"].shape == (5, 2, 4, 512)
+    norm = {k: hpt.Limits(ds.stats, k, ds.state_dim if k == "state" else 7) for k in ("state", "action")}
+    model.train()  # the frozen ResNet stays in eval mode; dropout and the random horizon draw the same seeded
+    for seed in range(2):
+        torch.manual_seed(seed)
+        expected = hpt.loss(model, live, norm, cfg, [7])[0]
+        torch.manual_seed(seed)
+        torch.testing.assert_close(hpt.loss(model, fast, norm, cfg, [7])[0], expected, atol=1e-6, rtol=1e-5)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    hpt.cached_features(ds, model.encoder, tmp_path / "resnet18.pth", log=lambda line: pytest.fail(line))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # computed once: a rerun reads the same files
+
+
+def test_training_on_cached_features_resumes_exactly(metaworld_path, tmp_path, monkeypatch, capsys):
+    # ~5-8 s: three short runs of main() (4 steps, 2 + crash, 2 more) with dropout, drop path and the random horizon
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    flags = ["--data", str(metaworld_path), "--resnet_weights", str(tmp_path / "resnet18.pth"), "--history", "2",
+             "--image_size", "32", "--workers", "0", "--batch_size", "6", "--warmup", "1", "--steps", "4",
+             "--ckpt_every", "2", "--eval_episodes", "0"]
+    run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "straight"))
+    calls, loss = [], hpt.loss
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(hpt, "loss", crash_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "resumed"))
+    run_main(monkeypatch, *flags, "--out_dir", str(tmp_path / "resumed"))
+    out = capsys.readouterr().out
+    assert "frozen, its features of every frame cached once" in out and "resuming" in out
+    assert out.count("ResNet-18 features of") == 1  # the first run computed them, the others read them
+    import train
+    straight, resumed = (train.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_policy_history_pads_like_data_py_and_starts_as_the_official_policy():
     cfg = replace(TINY, views=("primary",), history=3)
     torch.manual_seed(0)
     model = hpt.HPT(cfg, [{"name": "metaworld", "state_dim": 4, "action_dim": 7, "views": [0]}]).eval()
@@ -310,12 +368,65 @@ def test_policy_history_pads_like_data_py():
     states = rng.uniform(0, 1, (4, 2, 4)).astype(np.float32)
     policy.reset(2)
     ids = torch.zeros(2, dtype=torch.long)
+    window = lambda steps: (torch.tensor(frames[steps]).transpose(0, 1)[:, :, None],  # (N, len, 1, 3, H, W)
+                            torch.tensor(states[steps]).transpose(0, 1) * 2 - 1)  # (N, len, 4) normalised
     for t in range(4):
         action = policy.act({"image_primary": frames[t], "state": states[t]}, ["x"] * 2)
-        steps = np.maximum(np.arange(t - 2, t + 1), 0)  # data.py: the first frame repeats before the start
-        images = torch.tensor(frames[steps]).transpose(0, 1)[:, :, None]  # (N, T, 1, 3, H, W)
-        state = torch.tensor(states[steps]).transpose(0, 1) * 2 - 1
-        pad = torch.tensor(np.arange(t - 2, t + 1) < 0).expand(2, 3)
+        steps = np.arange(t - 2, t + 1)
+        pad = torch.tensor(steps < 0).expand(2, 3)  # data.py: the first frame repeats before the start, padded
+        # the official get_action: the history grown from length 1, the real steps only, positions from 0
+        seen = steps[steps >= 0]
         with torch.no_grad():
-            expected = model(images, state, pad, ids)[:, 0].numpy()
-        np.testing.assert_allclose(action, expected, atol=1e-5)
+            padded = model(*window(np.maximum(steps, 0)), pad, ids)[:, 0].numpy()
+            official = model(*window(seen), torch.zeros(2, len(seen), dtype=torch.bool), ids)[:, 0].numpy()
+        np.testing.assert_allclose(action, padded, atol=1e-5)
+        np.testing.assert_allclose(action, official, atol=1e-5)
+
+
+def test_random_horizon_is_drawn_per_modality_whenever_the_loss_runs():
+    """The official stem_process draws h ~ U{1..T} for the image stem, then another for the state stem, and
+    each keeps its last h steps with positions from 0; compute_loss does it in train and eval mode alike."""
+    model = tiny().eval()  # TINY has no dropout: eval mode changes nothing but the mode
+    b = batch()  # T = 2
+    images, state, pad, ids = model_inputs(b)
+    other_images, other_state = images.clone(), state.clone()
+    other_images[:, 0], other_state[:, 0] = 255 - images[:, 0], -state[:, 0]  # step 0 changed, step 1 kept
+
+    def run(seed, x, s):
+        torch.manual_seed(seed)
+        return model(x, s, pad, ids, random_horizon=True)
+
+    drawn = set()
+    with torch.no_grad():
+        last_step = model(images[:, 1:], state[:, 1:], pad[:, 1:], ids)  # the official slice x[:, T - 1:]
+        for seed in range(6):  # draws (1, 2), (2, 2), (1, 2), (1, 1), (1, 1), (2, 1)
+            torch.manual_seed(seed)
+            h_image, h_state = (int(torch.randint(1, 3, ())) for _ in range(2))  # forward's draws, in its order
+            out = run(seed, images, state)
+            assert torch.allclose(run(seed, other_images, state), out, atol=1e-6) == (h_image == 1), seed
+            assert torch.allclose(run(seed, images, other_state), out, atol=1e-6) == (h_state == 1), seed
+            if h_image == h_state == 1:
+                torch.testing.assert_close(out, last_step, atol=1e-5, rtol=1e-5)
+            drawn.add((h_image, h_state))
+    assert {(1, 2), (2, 1)} <= drawn  # the stems drew different horizons: two draws per step, not one
+    norm = {"state": hpt.Limits(STATS, "state", 7), "action": hpt.Limits(STATS, "action", 7)}
+    losses = set()
+    with torch.no_grad():
+        for seed in range(4):
+            torch.manual_seed(seed)
+            losses.add(round(float(hpt.loss(model, b, norm, TINY, [7, 4])[0]), 6))
+    assert len(losses) > 1  # masked in eval mode too
+
+
+def test_horizon_mask_is_a_tensor_op_that_never_recompiles():
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounter()
+    mask = torch.compile(hpt.horizon_mask, backend=counter, fullgraph=True)  # fullgraph: no graph break allowed
+    pad = torch.zeros(3, 4, dtype=torch.bool)
+    pad[0, :2] = True  # history before the episode start stays masked whatever h is
+    torch.manual_seed(0)
+    masks = [mask(pad) for _ in range(20)]
+    assert counter.frame_count == 1  # one graph for every h
+    assert {tuple(m[1].tolist()) for m in masks} == {(False,) * 4, (True, False, False, False),
+                                                     (True, True, False, False), (True, True, True, False)}
+    assert all(m[0, :2].all() and not m[:, -1].any() for m in masks)  # pads kept, the last step never cut
