@@ -385,20 +385,25 @@ def run_folder(out, log=print):
     with open(out / ".lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown (it just started)"
             raise RunError(f"--out_dir {out}: another run is training there (pid {holder}); wait for it to end, "
                            f"stop it, or choose another --out_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        stale = sorted(p.name for p in out.iterdir() if re.fullmatch(r"\.ckpt\.pt\.tmp\d+", p.name))
-        for name in stale:  # under the lock no other run writes here: every one of them is a killed run's
-            (out / name).unlink(missing_ok=True)
-        if stale:
-            log(f"removed {len(stale)} temporary checkpoint file(s) that killed runs left in {out}: {stale}")
+        except OSError as e:  # a file system without flock (some NFS mounts)
+            locked = False
+            log(f"WARNING: cannot lock {out / '.lock'} ({e.strerror}): nothing keeps a second run out of {out}")
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            stale = sorted(p.name for p in out.iterdir() if re.fullmatch(r"\.ckpt\.pt\.tmp\d+", p.name))
+            for name in stale:  # under the lock no other run writes here: each is a killed run's
+                (out / name).unlink(missing_ok=True)
+            if stale:
+                log(f"removed {len(stale)} temporary checkpoint file(s) that killed runs left in {out}: {stale}")
         yield  # the lock is released when the file closes
 
 

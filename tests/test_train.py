@@ -184,6 +184,16 @@ def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
     assert "removed 2 temporary checkpoint file(s)" in capsys.readouterr().out
 
 
+def test_without_flock_the_run_goes_on_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(f, how):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    (tmp_path / ".ckpt.pt.tmp4242").write_bytes(b"PK")  # maybe another run's: without the lock, left alone
+    with train.run_folder(tmp_path):
+        pass
+    assert "WARNING: cannot lock" in capsys.readouterr().out and (tmp_path / ".ckpt.pt.tmp4242").exists()
+
+
 @bridge
 def test_out_dir_naming_a_file_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
