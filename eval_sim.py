@@ -51,6 +51,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -134,7 +135,8 @@ INSTRUCTIONS = {
 
 
 class EvalError(ValueError):
-    """Bad input: the message names the flag, file or method and what was expected."""
+    """Bad input, or an evaluation that cannot go on: the message names the flag, file, method or task (and
+    seed) and what was expected or went wrong."""
 
 
 def parse_tasks(spec):
@@ -164,6 +166,11 @@ def to_env_action(s):
 def check_size(size):
     if not 16 <= size <= 1024:
         raise EvalError(f"--size {size}: expected an image size of 16 to 1024 pixels")
+
+
+def check_workers(workers):
+    if workers is not None and workers < 1:
+        raise EvalError(f"--workers {workers}: expected at least 1 process (default: one per CPU core)")
 
 
 def demo_seed(k, attempt, episodes):
@@ -312,6 +319,7 @@ def collect(tasks="mt10", episodes=50, out="data/metaworld/mt10", size=128, work
     Written into a temporary directory and renamed at the end, so a partial run never looks finished."""
     tasks, final = parse_tasks(tasks), os.path.join(out, VERSION)
     check_size(size)
+    check_workers(workers)
     if os.path.exists(final):
         raise EvalError(f"--out {out}: {final} already exists; delete it to collect again")
     if episodes < 1 or DEMO_SEED + DEMO_TRIES * episodes > EVAL_SEED:
@@ -357,8 +365,9 @@ def default_data(tasks="mt10", episodes=50, root="data/metaworld"):
 # evaluate: a policy on N seeded episodes per task, batched over environments in worker processes
 
 def _env_worker(conn, size):
-    """Worker process: owns a share of the environments; answers 'reset' and 'step' messages."""
-    sim = None
+    """Worker process: owns a share of the environments; answers 'reset' and 'step' messages. An exception
+    prints its traceback here and answers ("error", task, seed, what happened)."""
+    sim, task, seeds, seed = None, None, [], None
     try:
         while (msg := conn.recv())[0] != "close":
             if msg[0] == "reset":
@@ -366,11 +375,18 @@ def _env_worker(conn, size):
                 if sim is not None:
                     sim.close()
                 sim = TaskSim(task, size, len(seeds))
-                conn.send([_reset(sim, i, seed, goal) for i, seed in enumerate(seeds)])
+                replies = []
+                for i, seed in enumerate(seeds):
+                    replies.append(_reset(sim, i, seed, goal))
             else:  # ("step", {local env index: standard action})
-                conn.send({i: _step(sim, i, a) for i, a in msg[1].items()})
-    except Exception:
-        conn.send(RuntimeError(f"environment worker failed:\n{traceback.format_exc()}"))
+                replies = {}
+                for i, action in msg[1].items():
+                    seed = seeds[i]
+                    replies[i] = _step(sim, i, action)
+            conn.send(replies)
+    except Exception as e:
+        traceback.print_exc()
+        conn.send(("error", task, seed, f"{type(e).__name__}: {e}".splitlines()[0]))
     finally:
         if sim is not None:
             sim.close()
@@ -394,7 +410,7 @@ class Workers:
 
     def __init__(self, n, size):
         ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
+        self.conns, self.procs, self.task, self.seeds = [], [], None, [[] for _ in range(n)]
         for _ in range(n):
             conn, child = ctx.Pipe()
             self.procs.append(ctx.Process(target=_env_worker, args=(child, size), daemon=True))
@@ -402,16 +418,45 @@ class Workers:
             self.conns.append(conn)
 
     def _call(self, msgs):
-        for conn, msg in zip(self.conns, msgs):
-            conn.send(msg)
-        replies = [conn.recv() for conn in self.conns]
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
+        """One message to each worker -> their replies; every reply is read before a failure is raised, so a
+        worker that is still alive stays in step."""
+        failures = [self._send(w, msg) for w, msg in enumerate(msgs)]
+        replies = []
+        for w, conn in enumerate(self.conns):
+            reply = None
+            if not failures[w]:
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    failures[w] = self._died(w)
+            if isinstance(reply, tuple) and reply[0] == "error":
+                _, task, seed, what = reply
+                failures[w] = EvalError(f"the environment worker failed on {task}, seed {seed}: {what} "
+                                        f"(its traceback is printed above)")
+            replies.append(reply)
+        for failure in failures:
+            if failure:
+                raise failure
         return replies
+
+    def _send(self, w, msg):
+        try:
+            self.conns[w].send(msg)
+        except OSError:  # the pipe is broken: the worker is gone
+            return self._died(w)
+
+    def _died(self, w):
+        """EvalError naming the task and seeds of worker w, which ended without an answer."""
+        self.procs[w].join(timeout=5)
+        code = self.procs[w].exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else
+               f"exit status {code}" if code is not None else "it closed its pipe")
+        return EvalError(f"the environment worker for {self.task} (episodes with seeds {self.seeds[w]}) died "
+                         f"({how}; out of memory, or a crash in MuJoCo or its renderer?)")
 
     def reset(self, task, seeds, goal):  # -> list of observation dicts, one per env
         W = len(self.conns)
+        self.task, self.seeds = task, [seeds[w::W] for w in range(W)]
         obs = [None] * len(seeds)
         for w, reply in enumerate(self._call([("reset", task, seeds[w::W], goal) for w in range(W)])):
             obs[w::W] = reply
@@ -496,6 +541,7 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
     {"success": {task: rate}, "mean": rate, ...}; with out_dir, writes results.json and <task>.gif there."""
     tasks, seeds = parse_tasks(tasks), eval_seeds(episodes, seed_offset)
     check_size(size)
+    check_workers(workers)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     pool = Workers(min(workers or os.cpu_count(), episodes), size)
@@ -559,18 +605,17 @@ class RandomPolicy:
 
 
 def load_policy(path, device="cpu"):
-    """Checkpoint -> (policy, method name); one clear EvalError for a missing, corrupt or unknown one."""
-    import torch
-    expected = "a checkpoint written by a nanorobot method (a dict with method, config, model, stats, step)"
-    if not os.path.isfile(path):
-        raise EvalError(f"--ckpt {path}: no such file; expected {expected}")
+    """Checkpoint -> (policy, method name); one clear EvalError that names the checkpoint when it is missing,
+    corrupt or refused, its method is unknown, or its config and weights do not fit its method's code."""
+    import train  # torch and data.py: not needed by the simulator's worker processes
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EvalError(f"--ckpt {path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); expected {expected}")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("method"), str):
-        raise EvalError(f"--ckpt {path}: has no 'method' string; expected {expected}")
+        ckpt = train.load_checkpoint(path)
+    except train.CheckpointError as e:
+        raise EvalError(f"--ckpt {e}") from None
     method = ckpt["method"]
+    if not method.isidentifier():
+        raise EvalError(f"--ckpt {path}: method '{method}' is not a module name; expected the name of a nanorobot "
+                        f"method file such as rt1, gcbc, hpt, gr1 or mcr")
     try:
         module = importlib.import_module(method)
     except ModuleNotFoundError as e:
@@ -580,7 +625,28 @@ def load_policy(path, device="cpu"):
                         f"name of a nanorobot method file such as rt1, gcbc, hpt, gr1 or mcr")
     if not hasattr(module, "Policy"):
         raise EvalError(f"--ckpt {path}: module '{method}' has no Policy class; expected a nanorobot method file")
-    return module.Policy.from_checkpoint(ckpt, device), method
+    return rebuild_policy(module, ckpt, device, path), method
+
+
+def rebuild_policy(module, ckpt, device, path):
+    """module.Policy.from_checkpoint(ckpt, device); what it raises on a checkpoint that does not fit the
+    method's code becomes one EvalError naming the checkpoint and what is wrong."""
+    import train
+    method = f"{module.__name__}.Policy.from_checkpoint"
+    try:
+        return module.Policy.from_checkpoint(ckpt, device)
+    except KeyError as e:
+        raise EvalError(f"--ckpt {path}: lacks the key {e} that {method} reads (written by another version of "
+                        f"{module.__name__}.py?)") from None
+    except TypeError as e:
+        raise EvalError(f"--ckpt {path}: its config does not fit {method} ({train.one_line(e)})") from None
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        raise EvalError(f"--ckpt {path}: its weights do not fit the model its config builds "
+                        f"({train.state_dict_misfit(e)})") from None
+    except (ValueError, IndexError) as e:
+        raise EvalError(f"--ckpt {path}: {method}: {train.one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1009,8 +1075,11 @@ def main(argv=None):
             evaluate(policy, args.tasks, args.episodes, out, args.seed_offset, not args.no_video, method,
                      args.size, args.workers)
             print(f"results.json and videos in {out}")
-    except EvalError as err:
-        sys.exit(f"eval_sim.py: {err}")
+    except EvalError as err:  # one line and exit status 2, as train.cli does for the method files
+        print(f"eval_sim.py: {err}", file=sys.stderr)
+        error = SystemExit(f"eval_sim.py: {err}")
+        error.code = 2
+        raise error
 
 
 if __name__ == "__main__":

@@ -921,4 +921,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import train
+    train.cli(main)  # bad input (data, checkpoint, flags): one line and exit status 2

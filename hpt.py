@@ -656,4 +656,5 @@ def main():
                           method="hpt", size=128)
 
 if __name__ == "__main__":
-    main()
+    import train
+    train.cli(main)  # bad input (data, checkpoint, flags): one line and exit status 2

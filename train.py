@@ -9,12 +9,24 @@ samples/s, metrics.jsonl and loss.png, and atomic checkpoints that resume bit fo
 Exactness: the data order is a function of (seed, step) alone (data.Sampler), and the torch RNG is
 re-seeded from (seed, rank, step) before every step, so a resumed run draws the same dropout masks
 as one that never stopped. Only rank 0 writes and prints.
+
+Reliability: rank 0 holds an exclusive lock on --out_dir for the whole run (a second run there is refused,
+naming the holder's pid), removes temporary checkpoint files that killed runs left, and drops a cut last row
+of metrics.jsonl; resuming with flags whose model the checkpoint's weights do not fit is refused, naming the
+settings that differ, and other differing settings are a warning. A rank that waits more than --dist_timeout
+seconds for its peers fails the job, naming itself and the step.
 """
 import argparse
 import contextlib
+import datetime
+import fcntl
 import json
 import math
 import os
+import pickle
+import re
+import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -49,10 +61,43 @@ class TrainConfig:
     ckpt_every: int = 500
     resume: bool = True        # continue out_dir/ckpt.pt if it exists (--no-resume starts afresh)
     find_unused: bool = False  # DDP: some parameters get no gradient in a step (e.g. per-dataset heads)
+    dist_timeout: int = 600    # seconds a rank waits for the others before the job fails (gloo's default: 1800)
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be used: the message names the file and what is wrong."""
+
+
+class RunError(ValueError):
+    """A run that cannot start or go on: the message names the flag, file or rank and what was expected."""
+
+
+def cli(main):
+    """Run a command line's main(). Bad input (a DataError, CheckpointError, RunError or eval_sim's EvalError,
+    whose messages name the file, flag or key) ends it with one line on stderr and exit status 2, as argparse
+    does for a bad flag; any other exception keeps its traceback. Each method file ends with cli(main)."""
+    try:
+        return main()
+    except Exception as e:
+        eval_sim = sys.modules.get("eval_sim")  # not imported here: it brings in MuJoCo
+        bad_input = (data_lib.DataError, CheckpointError, RunError) + ((eval_sim.EvalError,) if eval_sim else ())
+        if not isinstance(e, bad_input):
+            raise
+        exit_with(f"{os.path.basename(sys.argv[0])}: {e}")
+
+
+def exit_with(message, status=2):
+    """Print message on stderr and exit with status. The SystemExit's text is the message, for callers
+    that catch it (tests, notebooks)."""
+    print(message, file=sys.stderr)
+    error = SystemExit(message)
+    error.code = status
+    raise error
+
+
+def one_line(error):
+    """An exception's message on one line: whitespace runs and terminal colour codes collapsed."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
 
 
 def parse_args(*configs, parser=None, argv=None):
@@ -84,8 +129,9 @@ def parse_args(*configs, parser=None, argv=None):
 # ---------------------------------------------------------------------------------------------------
 # distributed setup
 
-def distributed():
-    """(rank, world, device) from torchrun's environment; initialises the process group if world > 1."""
+def distributed(timeout=600):
+    """(rank, world, device) from torchrun's environment; initialises the process group if world > 1, with
+    collectives that fail after `timeout` seconds without an answer from every rank."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -93,7 +139,8 @@ def distributed():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
     return rank, world, device
 
 
@@ -118,17 +165,66 @@ def save_checkpoint(path, obj):
 
 
 def load_checkpoint(path):
-    """A nanorobot checkpoint (weights only), or a CheckpointError that names the file."""
+    """A nanorobot checkpoint, read with weights_only=True (tensors and plain data only: no code runs), or
+    a CheckpointError that names the file and what is wrong."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as e:  # torch's text: a paragraph on weights_only, then the reason
+        reason = one_line(e).partition("WeightsUnpickler error: ")[2].partition(" Check the documentation")[0]
+        if not reason or reason.startswith("Unsupported operand"):  # garbage, not a refused object
+            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: "
+                                  f"{reason or one_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), which admits tensors and plain data only "
+            f"({reason.split('. ')[0].rstrip('.')}); a nanorobot checkpoint holds nothing else. Load it with "
+            f"weights_only=False only if you trust its source: unpickling runs the code a file names") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    missing = [k for k in ("method", "config", "model", "stats", "step") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a nanorobot checkpoint (missing keys {missing})")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {one_line(e)})") from None
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path}: not a nanorobot checkpoint ({problem}); expected a dict with method (a "
+                              f"string), config (a dict), model (a state_dict), stats (a dict per data source) "
+                              f"and step (an int)")
     return ckpt
+
+
+def checkpoint_problem(ckpt):
+    """What keeps `ckpt` from being a nanorobot checkpoint, in a few words; None if nothing does."""
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}, not a dict"
+    missing = [k for k in ("method", "config", "model", "stats", "step") if k not in ckpt]
+    if missing:
+        return f"missing keys {missing}"
+    for key, kind, ok in [("method", "a string", isinstance(ckpt["method"], str) and ckpt["method"]),
+                          ("config", "a dict", isinstance(ckpt["config"], dict)),
+                          ("model", "a dict", isinstance(ckpt["model"], dict)),
+                          ("step", "an int >= 0", type(ckpt["step"]) is int and ckpt["step"] >= 0)]:
+        if not ok:
+            return f"{key} is {ckpt[key]!r:.40}, not {kind}"
+    stats = ckpt["stats"]
+    if not isinstance(stats, list) or not stats or not all(isinstance(s, dict) for s in stats):
+        return f"stats is {stats!r:.40}, not a list of one dict per data source"
+    return None
+
+
+def state_dict_misfit(error):
+    """torch's load_state_dict error (a header, then one line per kind of problem) -> one line: the keys
+    missing or unexpected, and the first shape mismatches."""
+    parts, shapes = [], []
+    for line in str(error).splitlines()[1:]:
+        line, keys = line.strip(), re.findall(r'"([^"]+)"', line)
+        size = re.match(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                        r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", line)
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            where = "the checkpoint lacks" if line.startswith("Missing") else "the model has no"
+            parts.append(f"{where} {len(keys)} key(s): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+        elif size:
+            shapes.append(f"{size[1]} is {size[2]} in the checkpoint, {size[3]} in the model")
+    if shapes:
+        parts.append("; ".join(shapes[:3]) + (f"; {len(shapes) - 3} more shapes differ" if len(shapes) > 3 else ""))
+    return "; ".join(parts) or one_line(error)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,29 +258,30 @@ def autocast_dtype(cfg, device):
 def train(model, loss_fn, dataset, cfg, method, config, log=print):
     """Train `model` on `dataset` (a data.Mixture) with loss_fn(model, batch) -> (loss, metrics).
     loss_fn must call model(...) itself (DDP and torch.compile wrap the forward). Returns the model."""
-    rank, world, device = distributed()
+    rank, world, device = distributed(cfg.dist_timeout)
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out_dir {out}: is a file; expected a folder for the run (made if missing)")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise RunError(f"--batch_size {cfg.batch_size} must be divisible by ranks x --grad_accum = "
+                       f"{world} x {cfg.grad_accum}")
+    with run_folder(out, log) if rank == 0 else contextlib.nullcontext():
+        return _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, device)
+
+
+def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, device):
+    """train() once rank 0 holds the run folder: resume, then the steps."""
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by ranks x --grad_accum = "
-                         f"{world} x {cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     model.to(device)
     opt = make_optimizer(model, cfg, device)
     start = 0
     if cfg.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["method"] != method:
-            raise CheckpointError(f"{ckpt_path} is a '{ckpt['method']}' run, not '{method}': use another --out_dir")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        if rank == 0:
-            log(f"resuming {ckpt_path} at step {start}")
+        start = resume(ckpt_path, model, opt, method, config, cfg, log if rank == 0 else lambda *a: None)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "stats.json").write_text(json.dumps(dataset.stats, indent=1))
-        _trim_log(out / "metrics.jsonl", start)
+        _trim_log(out / "metrics.jsonl", start, log)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               find_unused_parameters=cfg.find_unused) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
@@ -198,56 +295,172 @@ def train(model, loss_fn, dataset, cfg, method, config, log=print):
             f"{amp or torch.float32} | global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
             f"steps {start} -> {cfg.steps}")
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True, unit="step")
-    t_last, n_logged, sums = time.time(), 0, {}
-    for step in range(start, cfg.steps):
-        torch.manual_seed(step_seed(cfg.seed, rank, step))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        model.train()
-        for m in range(cfg.grad_accum):
-            batch = to_device(next(batches), device)
-            sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else net.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, metrics = loss_fn(net, batch)
-                (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss, **metrics}.items():  # kept on the device: no sync per step
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip).detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        done, n_logged = step + 1, n_logged + 1
-        last, save = done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save:
-            row = _log_row(sums, n_logged, world, device)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"{method}: the loss became {row['loss']} before step {done}; "
-                                         f"the last checkpoint is untouched")
-            row = {"step": done, **row, "lr": lr_at(step, cfg),
-                   "samples_per_s": n_logged * cfg.batch_size / (time.time() - t_last)}
-            if rank == 0:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            t_last, n_logged, sums = time.time(), 0, {}
-        if save:
-            if rank == 0:
-                save_checkpoint(ckpt_path, {
-                    "method": method, "config": config, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "step": done, "stats": dataset.stats, "instructions": dataset.instructions,
-                    "train_config": asdict(cfg)})
-            if world > 1:
-                dist.barrier()
-        if last and rank == 0:
-            log(f"done: {out / 'ckpt.pt'} (loss {row['loss']:.4f})")
-    bar.close()
+    t_last, n_logged, sums, step = time.time(), 0, {}, start
+    try:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, rank, step))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            model.train()
+            for m in range(cfg.grad_accum):
+                batch = to_device(next(batches), device)
+                sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else net.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, metrics = loss_fn(net, batch)
+                    (loss / cfg.grad_accum).backward()
+                for k, v in {"loss": loss, **metrics}.items():  # kept on the device: no sync per step
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip).detach()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            done, n_logged = step + 1, n_logged + 1
+            last, save = done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
+            if done % cfg.log_every == 0 or save:
+                row = _log_row(sums, n_logged, world, device)
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"{method}: the loss became {row['loss']} before step {done}; "
+                                             f"the last checkpoint is untouched")
+                row = {"step": done, **row, "lr": lr_at(step, cfg),
+                       "samples_per_s": n_logged * cfg.batch_size / (time.time() - t_last)}
+                if rank == 0:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    sps=f"{row['samples_per_s']:.0f}")
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                t_last, n_logged, sums = time.time(), 0, {}
+            if save:
+                if rank == 0:
+                    save_checkpoint(ckpt_path, {
+                        "method": method, "config": config, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "step": done, "stats": dataset.stats,
+                        "instructions": dataset.instructions, "train_config": asdict(cfg)})
+                if world > 1:
+                    dist.barrier()
+            if last and rank == 0:
+                log(f"done: {out / 'ckpt.pt'} (loss {row['loss']:.4f})")
+    except RuntimeError as e:
+        if world > 1 and is_peer_failure(e):
+            raise RunError(f"rank {rank} of {world}, step {step + 1}: the other ranks did not answer "
+                           f"({peer_failure_reason(e)}): a rank died or stopped, or took longer than "
+                           f"--dist_timeout {cfg.dist_timeout} s") from e
+        raise
+    finally:
+        bar.close()  # an error's message starts on a line of its own
     if rank == 0 and (out / "metrics.jsonl").exists():
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     if world > 1:
         dist.destroy_process_group()
     return model
+
+
+def is_peer_failure(error):
+    """A collective that timed out or lost its connection (gloo raises a plain RuntimeError that names its
+    own source file; NCCL a DistBackendError), not an error in the model or the loss."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+
+
+def peer_failure_reason(error):
+    """gloo's '[.../unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete' -> the
+    part after the source location, up to its first full stop."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", one_line(error))
+    return text.split(". ")[0].rstrip(".")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run folder: one run at a time, resumed only with the model its checkpoint was trained as
+
+@contextlib.contextmanager
+def run_folder(out, log=print):
+    """Rank 0's hold on --out_dir for a whole run: makes the folder, takes an exclusive lock on out/.lock
+    (a second run there is refused, naming the holder's pid), and removes the temporary checkpoint files
+    of killed runs. The lock is flock's: the kernel drops it when its process ends, SIGKILL included, so it
+    is never stale (on a local file system; over NFS it depends on the mount)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out_dir {out}: cannot make the folder ({e.strerror}: {e.filename})") from None
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown (it just started)"
+            raise RunError(f"--out_dir {out}: another run is training there (pid {holder}); wait for it to end, "
+                           f"stop it, or choose another --out_dir") from None
+        except OSError as e:  # a file system without flock (some NFS mounts)
+            locked = False
+            log(f"WARNING: cannot lock {out / '.lock'} ({e.strerror}): nothing keeps a second run out of {out}")
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            stale = sorted(p.name for p in out.iterdir() if re.fullmatch(r"\.ckpt\.pt\.tmp\d+", p.name))
+            for name in stale:  # under the lock no other run writes here: each is a killed run's
+                (out / name).unlink(missing_ok=True)
+            if stale:
+                log(f"removed {len(stale)} temporary checkpoint file(s) that killed runs left in {out}: {stale}")
+        yield  # the lock is released when the file closes
+
+
+# settings that do not change what a run computes: a resumed run may differ in them without a word
+BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "compile", "find_unused", "dist_timeout"}
+
+
+def resume(path, model, opt, method, config, cfg, log):
+    """Load the model and optimiser state of checkpoint `path` -> the step to continue from. Weights that
+    do not fit the model these settings build are an error naming the settings that differ from the
+    checkpoint's; other differences (dropout, lr, ...) are a warning, and the run goes on with the new
+    values, which its next checkpoint records."""
+    ckpt = load_checkpoint(path)
+    if ckpt["method"] != method:
+        raise CheckpointError(f"{path} is a '{ckpt['method']}' run, not '{method}': use another --out_dir")
+    changed = differences(config, ckpt["config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model these settings build ({state_dict_misfit(e)}); "
+            + (f"settings that differ from the checkpoint's: {'; '.join(changed)}" if changed else
+               "its config is the same, so the data or the method's code must differ")
+            + "; resume with the checkpoint's settings, or start afresh with --no-resume or another --out_dir"
+        ) from None
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"{path}: has no optimizer state, so training cannot continue from it (a checkpoint "
+                              f"for evaluation only?); start afresh with --no-resume or another --out_dir")
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit the trainable parameters ({one_line(e)}); "
+                              f"were parameters frozen or unfrozen? resume with the checkpoint's settings") from None
+    changed += differences(asdict(cfg), ckpt.get("train_config", asdict(cfg)), skip=BOOKKEEPING)
+    log(f"resuming {path} at step {ckpt['step']}")
+    if changed:
+        log(f"{method}: WARNING: these settings differ from the checkpoint's: {'; '.join(changed)}. The run goes on "
+            f"with the new values (the first of each pair), and its next checkpoint records them")
+    return ckpt["step"]
+
+
+def differences(new, old, skip=()):
+    """['dropout 0.3 (checkpoint: 0.1)', ...] for every key of two configs whose values differ."""
+    plain = lambda v: [plain(x) for x in v] if isinstance(v, (list, tuple)) else v  # a tuple saved is a tuple
+    keys = [k for k in list(new) + [k for k in old if k not in new] if k not in skip]
+    return [f"{k} {_brief(new, k)} (checkpoint: {_brief(old, k)})" for k in keys
+            if k not in new or k not in old or plain(new[k]) != plain(old[k])]
+
+
+def _brief(config, key):
+    """A config value in a few words: itself if short, else its type and length."""
+    if key not in config:
+        return "absent"
+    value, text = config[key], repr(config[key])
+    if len(text) <= 40:
+        return text
+    return f"a {type(value).__name__} of {len(value)}" if hasattr(value, "__len__") else text[:37] + "..."
 
 
 def _log_row(sums, n_steps, world, device):
@@ -260,11 +473,29 @@ def _log_row(sums, n_steps, world, device):
     return dict(zip(keys, values.tolist()))
 
 
-def _trim_log(path, step):
-    """On resume, forget rows logged after the checkpoint (they will be logged again)."""
-    if path.exists():
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+def _trim_log(path, step, log=print):
+    """On resume, forget rows logged after the checkpoint (they will be logged again). A cut last row (the
+    disk filled, or the run was killed, during an append) is dropped: it was written after the checkpoint,
+    whose save follows it, so it is logged again too. A broken row before it is an error naming the line."""
+    if not path.exists():
+        return
+    if step == 0:  # starting afresh: nothing to keep
+        return path.write_text("")
+    lines = [(n, r) for n, r in enumerate(path.read_bytes().decode(errors="replace").split("\n"), 1) if r.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if n == lines[-1][0]:
+                log(f"{path}: dropped its last row, line {n}, which was cut short: {line[:60]!r}")
+                break
+            raise RunError(f"{path}, line {n}: not a metrics row ({e}); expected one JSON object with an "
+                           f"integer 'step' per line: repair or delete that line to resume") from None
+        rows.append((row["step"], line))
+    path.write_text("".join(line + "\n" for row_step, line in rows if row_step <= step))
 
 
 def plot_losses(metrics_path, png_path):

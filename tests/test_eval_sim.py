@@ -1,8 +1,11 @@
 """eval_sim.py on real MetaWorld with real offscreen rendering (CPU, Mesa EGL): actions, seeds, errors,
 expert and random policies, a checkpoint-rebuilt policy, and a tiny RLDS collection read back with TFDS."""
+import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import textwrap
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -55,11 +58,16 @@ def test_unknown_task_lists_valid_names(capsys):
         eval_sim.main(["evaluate", "--policy", "random", "--tasks", "fly-v3"])
 
 
-def test_bad_numbers_are_one_clear_error(tmp_path):
+def test_bad_numbers_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="eval_sim.py: --size 4: expected"):
         eval_sim.main(["collect", "--tasks", "reach-v3", "--size", "4", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="eval_sim.py: --episodes 0: expected"):
         eval_sim.main(["evaluate", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "0"])
+    for command in ("collect", "evaluate --policy random"):
+        with pytest.raises(SystemExit, match=r"eval_sim.py: --workers -1: expected at least 1 process") as e:
+            eval_sim.main([*command.split(), "--tasks", "reach-v3", "--workers", "-1", "--out", str(tmp_path / "x")])
+        assert e.value.code == 2  # as argparse exits on a bad flag
+    assert capsys.readouterr().err.count("\n") == 4  # one line each
     assert not (tmp_path / "x").exists()
 
 
@@ -70,21 +78,62 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     torch.save({"method": "rt1", "model": {"w": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:2000])
     for path in (garbage, truncated):
-        with pytest.raises(EvalError, match=f"--ckpt {path}: cannot be read .* expected a checkpoint"):
+        with pytest.raises(EvalError, match=f"--ckpt {path}: not a readable checkpoint \\(\\w+Error: "):
             eval_sim.load_policy(str(path))
-    with pytest.raises(SystemExit, match="eval_sim.py: --ckpt .*missing.pt: no such file"):
+    with pytest.raises(SystemExit, match="eval_sim.py: --ckpt .*missing.pt: no such checkpoint"):
         eval_sim.main(["evaluate", "--ckpt", str(tmp_path / "missing.pt")])
     not_ours = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), not_ours)
-    with pytest.raises(EvalError, match="has no 'method' string"):
+    with pytest.raises(EvalError, match=r"not a nanorobot checkpoint \(a Tensor, not a dict\)"):
         eval_sim.load_policy(str(not_ours))
+
+
+STATS = [{"name": "metaworld"}]  # what a method's from_checkpoint reads of it is the method's business
 
 
 def test_checkpoint_of_unknown_method_is_one_clear_error(tmp_path):
     path = tmp_path / "ckpt.pt"
-    torch.save({"method": "no_such_method", "config": {}, "model": {}, "stats": {}, "step": 3}, path)
+    torch.save({"method": "no_such_method", "config": {}, "model": {}, "stats": STATS, "step": 3}, path)
     with pytest.raises(SystemExit, match=f"eval_sim.py: --ckpt {path}: method 'no_such_method' is unknown"):
         eval_sim.main(["evaluate", "--ckpt", str(path)])
+    torch.save({"method": "../evil", "config": {}, "model": {}, "stats": STATS, "step": 3}, path)
+    with pytest.raises(EvalError, match=r"method '../evil' is not a module name"):
+        eval_sim.load_policy(str(path))
+
+
+def test_checkpoint_that_does_not_fit_its_method_is_one_line_naming_it(tmp_path):
+    import gcbc
+    import rt1
+    from dataclasses import asdict, replace
+    path, small = tmp_path / "ckpt.pt", gcbc.Config(image_size=32, stage_sizes=(1, 1, 1, 1), width=8)
+    ckpt = {"method": "gcbc", "config": asdict(small), "model": gcbc.GCBC(small).state_dict(), "step": 3,
+            "stats": STATS}
+
+    def error(**changes):
+        torch.save(ckpt | changes, path)
+        with pytest.raises(EvalError) as e:
+            eval_sim.load_policy(str(path))
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"--ckpt {path}: ")
+        return str(e.value)[len(f"--ckpt {path}: "):]
+
+    # config and weights disagree (the config says width 16, the weights are width 8)
+    assert re.fullmatch(r"its weights do not fit the model its config builds \(encoder\.\S+ is \[8, .*\] in the "
+                        r"checkpoint, \[16, .*\] in the model; .*; \d+ more shapes differ\)",
+                        error(config=asdict(replace(small, width=16))))
+    assert error(model={}).startswith("its weights do not fit the model its config builds (the checkpoint lacks ")
+    assert error(config=asdict(small) | {"depth": 3}).startswith(
+        "its config does not fit gcbc.Policy.from_checkpoint (Config.__init__() got an unexpected keyword argument")
+    rt1_config = {k: v for k, v in asdict(rt1.Config()).items() if k != "bins"}
+    assert error(method="rt1", config=rt1_config | {"vocabulary": ["a"]}) == (
+        "lacks the key 'bins' that rt1.Policy.from_checkpoint reads (written by another version of rt1.py?)")
+    assert error(stats=[]) == ("not a nanorobot checkpoint (stats is [], not a list of one dict per data source); "
+                               "expected a dict with method (a string), config (a dict), model (a state_dict), stats "
+                               "(a dict per data source) and step (an int)")
+    assert error(method="mcr", config={"stage": "pretrain"}).startswith(
+        "mcr.Policy.from_checkpoint: this is an MCR pre-training checkpoint (an encoder, not a policy)")
+    assert error(config=argparse.Namespace(a=1)).startswith(  # refused, and torch's paragraph is not cut in two
+        "refused by torch.load(weights_only=True), which admits tensors and plain data only (Unsupported global: "
+        "GLOBAL argparse.Namespace was not an allowed global by default); a nanorobot checkpoint holds nothing else")
 
 
 def test_bad_actions_are_rejected_naming_the_method():
@@ -148,7 +197,7 @@ def test_checkpoint_policy_gets_the_batched_observation_and_a_wrong_shape_names_
     (tmp_path / "tiny_method.py").write_text(textwrap.dedent(TINY_METHOD))
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "ckpt.pt"
-    torch.save({"method": "tiny_method", "config": {"a": 1}, "model": {}, "stats": {}, "step": 7}, path)
+    torch.save({"method": "tiny_method", "config": {"a": 1}, "model": {}, "stats": STATS, "step": 7}, path)
     policy, method = eval_sim.load_policy(str(path))
     assert method == "tiny_method" and policy.ckpt["step"] == 7 and policy.device == "cpu"
     with pytest.raises(EvalError, match=r"policy 'tiny_method': act\(\) returned an array of shape \(2, 4\)"):
@@ -184,6 +233,24 @@ def test_goal_image_stays_the_same_through_the_episode():
         eval_sim.evaluate(policy, "drawer-open-v3", 2, method="goal_recorder", size=64, video=False)
     assert len(policy.goals) == 5
     assert all(np.array_equal(g, policy.goals[0]) for g in policy.goals)
+
+
+def test_environment_worker_that_fails_or_dies_names_the_task_and_seed(capfd):
+    # ~3 s: two worker processes start and reset one environment each; then one is killed, the other fails
+    pool = eval_sim.Workers(2, 64)
+    try:
+        pool.reset("reach-v3", [11, 12], goal=False)
+        still = np.zeros(7, np.float32)
+        os.kill(pool.procs[1].pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        with pytest.raises(EvalError, match=r"^the environment worker for reach-v3 \(episodes with seeds \[12\]\) "
+                                            r"died \(killed by SIGKILL; out of memory"):
+            pool.step({0: still, 1: still})
+        with pytest.raises(EvalError, match=r"^the environment worker failed on reach-v3, seed 11: ValueError: "
+                                            r".*\(its traceback is printed above\)$"):
+            pool.step({0: "not an action"})  # worker 0 answered the step before: it is still in step
+        assert "Traceback" in capfd.readouterr().err  # the worker's own, on its stderr
+    finally:
+        pool.close()
 
 
 # --- collect: a tiny RLDS dataset, read back with TFDS -------------------------------------------------

@@ -1,24 +1,33 @@
-"""train.py: exact resume, DDP equivalence, atomic checkpoints, clear errors (CPU, real Bridge sample)."""
+"""train.py: exact resume, DDP equivalence, atomic checkpoints, one run per folder, clear errors (CPU, real
+Bridge sample)."""
+import argparse
 import json
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import train
 from tests import tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not tiny_job.BRIDGE.exists(), reason="needs ../shared/data (the Bridge sample)")
+bridge = pytest.mark.skipif(not tiny_job.BRIDGE.exists(), reason="needs ../shared/data (the Bridge sample)")
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+JOB = str(ROOT / "tests" / "tiny_job.py")
 
 
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@bridge
 def test_kill_and_resume_is_bit_exact(tmp_path):
     # dropout makes the test sensitive to the RNG as well as to data order and optimiser state
     straight = params(tiny_job.run(tmp_path / "a", steps=10, dropout=0.3))
@@ -33,13 +42,13 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert (tmp_path / "b" / "loss.png").stat().st_size > 0
 
 
+@bridge
 def test_two_ranks_equal_one_rank(tmp_path):
     # two processes (torchrun, gloo) with 4 samples each vs one with the same global batch of 8
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    job = str(ROOT / "tests" / "tiny_job.py")
-    subprocess.run([sys.executable, job, str(tmp_path / "one")], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", job, str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
+    # (the same parameters only because this model draws no random numbers: see the README)
+    subprocess.run([sys.executable, JOB, str(tmp_path / "one")], check=True, env=ENV, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", JOB, str(tmp_path / "two")],
+                   check=True, env=ENV, capture_output=True)
     one, two = (torch.load(tmp_path / d / "final.pt") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:
@@ -48,7 +57,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    good = {"method": "tiny", "config": {}, "model": {"w": torch.ones(3)}, "stats": [], "step": 5}
+    good = {"method": "tiny", "config": {}, "model": {"w": torch.ones(3)}, "stats": [{"name": "x"}], "step": 5}
     train.save_checkpoint(path, good)
 
     def dies_halfway(obj, f):
@@ -73,6 +82,7 @@ def test_corrupt_checkpoint_gives_one_clear_error(tmp_path):
         train.load_checkpoint(tmp_path / "nope.pt")
 
 
+@bridge
 def test_resuming_another_methods_run_is_refused(tmp_path):
     tiny_job.run(tmp_path, steps=5)
     ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
@@ -81,10 +91,11 @@ def test_resuming_another_methods_run_is_refused(tmp_path):
         tiny_job.run(tmp_path, steps=10)
 
 
+@bridge
 def test_checkpoint_holds_what_eval_needs(tmp_path):
     tiny_job.run(tmp_path, steps=5)
     ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["method"] == "tiny" and ckpt["step"] == 5 and ckpt["config"] == {"dropout": 0.0}
+    assert ckpt["method"] == "tiny" and ckpt["step"] == 5 and ckpt["config"] == {"dropout": 0.0, "width": 32}
     assert ckpt["stats"][0]["name"] == "bridge_dataset" and len(ckpt["stats"][0]["action"]["q99"]) == 7
     assert ckpt["instructions"] and "optimizer" in ckpt and ckpt["train_config"]["steps"] == 5
     assert json.loads((tmp_path / "stats.json").read_text()) == ckpt["stats"]
@@ -103,6 +114,199 @@ def test_parse_args_makes_one_flag_per_field():
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.compile) == (7, 0.5, False, True)
 
 
+@bridge
 def test_batch_must_split_over_ranks_and_accumulation(tmp_path):
-    with pytest.raises(ValueError, match="must be divisible"):
+    with pytest.raises(train.RunError, match="must be divisible"):
         tiny_job.run(tmp_path, steps=1, grad_accum=3)
+
+
+# --- the run folder: metrics log, lock, temporary files ---------------------------------------------------
+
+@bridge
+def test_cut_last_metrics_row_is_dropped_on_resume(tmp_path, capsys):
+    tiny_job.run(tmp_path, steps=5)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.0')  # the disk filled in the middle of step 6's row
+    tiny_job.run(tmp_path, steps=7)
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+    assert "metrics.jsonl: dropped its last row, line 6, which was cut short" in capsys.readouterr().out
+
+
+def test_broken_metrics_row_in_the_middle_names_the_file_and_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(train.RunError, match=r"metrics\.jsonl, line 2: not a metrics row .*repair or delete"):
+        train._trim_log(log, 3)
+    log.write_text('{"step": 1, "loss": 1.0}\n[1, 2]\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(train.RunError, match=r"line 2: not a metrics row \(no integer 'step'\)"):
+        train._trim_log(log, 3)
+    train._trim_log(log, 0)  # --no-resume: nothing is kept, so nothing needs reading
+    assert log.read_text() == ""
+
+
+def wait_for(condition, what, timeout=120):
+    start = time.time()
+    while not condition():
+        assert time.time() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@bridge
+def test_second_run_in_the_same_out_dir_is_refused_naming_the_holder(tmp_path):
+    """~10-20 s: two processes start (torch + data import each); the first holds the folder while stalled."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, JOB, str(out), "--steps", "100", "--stall_at", "2"], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists(), "the first run's step 1")  # it holds the lock
+        second = subprocess.run([sys.executable, JOB, str(out), "--steps", "3"], env=ENV, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"tiny_job.py: --out_dir {out}: another run is training there (pid {first.pid} on "
+            f"{__import__('socket').gethostname()}); wait for it to end, stop it, or choose another --out_dir")
+        assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    finally:
+        first.kill()  # SIGKILL: no clean-up runs, yet the kernel drops the lock with the process
+        first.wait()
+    with train.run_folder(out):  # so the next run may start
+        assert (out / ".lock").read_text().startswith(f"{os.getpid()} on ")
+
+
+@bridge
+def test_stale_temporary_checkpoints_are_removed_at_start(tmp_path, capsys):
+    (tmp_path / ".ckpt.pt.tmp4242").write_bytes(b"\0" * 100_000)  # what a SIGKILL during a save leaves
+    (tmp_path / ".ckpt.pt.tmp4243").write_bytes(b"PK")
+    (tmp_path / "notes.txt").write_text("mine")
+    tiny_job.run(tmp_path, steps=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".ckpt", "notes"))) == ["notes.txt"]
+    assert "removed 2 temporary checkpoint file(s)" in capsys.readouterr().out
+
+
+def test_without_flock_the_run_goes_on_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(f, how):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    (tmp_path / ".ckpt.pt.tmp4242").write_bytes(b"PK")  # maybe another run's: without the lock, left alone
+    with train.run_folder(tmp_path):
+        pass
+    assert "WARNING: cannot lock" in capsys.readouterr().out and (tmp_path / ".ckpt.pt.tmp4242").exists()
+
+
+@bridge
+def test_out_dir_naming_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(train.RunError, match=r"--out_dir .*file: is a file; expected a folder"):
+        tiny_job.run(tmp_path / "file", steps=1)
+    with pytest.raises(train.RunError, match=r"--out_dir .*file/run: cannot make the folder"):
+        tiny_job.run(tmp_path / "file" / "run", steps=1)
+
+
+# --- resuming with other settings ------------------------------------------------------------------------
+
+@bridge
+def test_resuming_with_another_architecture_names_the_flags_that_differ(tmp_path):
+    tiny_job.run(tmp_path, steps=5, width=32)
+    with pytest.raises(train.CheckpointError) as e:
+        tiny_job.run(tmp_path, steps=10, width=16)
+    assert "its weights do not fit the model these settings build" in str(e.value)
+    assert "head.0.weight is [32, 15] in the checkpoint, [16, 15] in the model" in str(e.value)
+    assert "settings that differ from the checkpoint's: width 16 (checkpoint: 32)" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5  # untouched
+
+
+@bridge
+def test_resuming_with_another_dropout_warns_and_says_which_values_are_used(tmp_path, capsys):
+    tiny_job.run(tmp_path, steps=5, dropout=0.0)
+    capsys.readouterr()
+    tiny_job.run(tmp_path, steps=10, dropout=0.3, lr=5e-3)
+    out = capsys.readouterr().out
+    assert ("tiny: WARNING: these settings differ from the checkpoint's: dropout 0.3 (checkpoint: 0.0); "
+            "steps 10 (checkpoint: 5); lr 0.005 (checkpoint: 0.01). The run goes on with the new values (the first "
+            "of each pair), and its next checkpoint records them") in out
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["config"]["dropout"] == 0.3 and ckpt["train_config"]["lr"] == 5e-3  # what the run used
+    capsys.readouterr()
+    tiny_job.run(tmp_path, steps=12, dropout=0.3, lr=5e-3, log_every=3, ckpt_every=4)  # bookkeeping only
+    assert "differ" in capsys.readouterr().out  # but --steps moves the end of the cosine: said
+    tiny_job.run(tmp_path, steps=12, dropout=0.3, lr=5e-3, log_every=2, ckpt_every=3)
+    assert "differ" not in capsys.readouterr().out
+
+
+@bridge
+def test_checkpoint_without_optimizer_state_cannot_resume(tmp_path):
+    tiny_job.run(tmp_path, steps=5)
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    del ckpt["optimizer"]
+    train.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    with pytest.raises(train.CheckpointError, match=r"ckpt\.pt: has no optimizer state, so training cannot "
+                                                    r"continue from it .*--no-resume"):
+        tiny_job.run(tmp_path, steps=10)
+
+
+# --- ranks --------------------------------------------------------------------------------------------------
+
+@bridge
+def test_a_stalled_rank_fails_the_job_naming_the_rank_and_step(tmp_path):
+    """~15-25 s: torchrun starts two ranks; rank 1 stops in step 3 and rank 0 gives up after 5 s."""
+    start = time.time()
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", JOB, str(tmp_path),
+                          "--steps", "10", "--stall_at", "3", "--stall_rank", "1", "--dist_timeout", "5"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert job.returncode != 0 and time.time() - start < 200  # not gloo's 30 minutes, nor rank 1's 600 s sleep
+    lines = [l for l in job.stderr.splitlines() if l.startswith("tiny_job.py: ")]
+    assert len(lines) == 1, job.stderr[-3000:]
+    assert lines[0].startswith("tiny_job.py: rank 0 of 2, step 3: the other ranks did not answer (Timed out waiting")
+    assert lines[0].endswith("a rank died or stopped, or took longer than --dist_timeout 5 s")
+
+
+# --- checkpoints and the command line ---------------------------------------------------------------------
+
+def test_a_refused_pickle_is_one_line_that_names_the_global(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"method": "rt1", "config": argparse.Namespace(a=1)}, path)
+    with pytest.raises(train.CheckpointError) as e:
+        train.load_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: refused by torch.load(weights_only=True), which admits tensors and plain "
+                              f"data only (Unsupported global: GLOBAL argparse.Namespace was not an allowed global")
+    assert message.endswith("only if you trust its source: unpickling runs the code a file names")
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_checkpoint_of_the_wrong_types_is_one_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good = {"method": "tiny", "config": {}, "model": {}, "stats": [{"name": "x"}], "step": 5}
+    for bad, what in [({"stats": []}, r"stats is \[\], not a list of one dict per data source"),
+                      ({"config": [1]}, r"config is \[1\], not a dict"), ({"method": 7}, "method is 7, not a string"),
+                      ({"step": "5"}, "step is '5', not an int >= 0")]:
+        torch.save(good | bad, path)
+        with pytest.raises(train.CheckpointError, match=f"ckpt.pt: not a nanorobot checkpoint \\({what}\\)"):
+            train.load_checkpoint(path)
+
+
+def test_cli_prints_bad_input_as_one_line_and_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mine.py"])
+
+    def bad_data():
+        raise data.DataError("/x: no such file or directory")
+    with pytest.raises(SystemExit) as e:
+        train.cli(bad_data)
+    assert e.value.code == 2 and capsys.readouterr().err == "mine.py: /x: no such file or directory\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        train.cli(lambda: 1 / 0)
+    assert train.cli(lambda: "ran") == "ran"
+
+
+@pytest.mark.parametrize("method", ["rt1", "gcbc", "hpt", "gr1", "mcr"])
+def test_method_command_lines_print_bad_input_as_one_line(method, tmp_path, capsys, monkeypatch):
+    # run as `python METHOD.py --data MISSING` runs it (in this process: the imports are paid once)
+    monkeypatch.setattr(sys, "argv", [f"{method}.py", "--data", str(tmp_path / "missing")])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / f"{method}.py"), run_name="__main__")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"{method}.py: {tmp_path / 'missing'}: no such file or directory (expected an "
+                                       f"RLDS dataset or a CALVIN folder)\n")
