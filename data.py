@@ -1064,8 +1064,11 @@ def main(argv=None):
     try:
         ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames,
                   image_size=args.image_size, history=args.history, views=tuple(args.views.split(",")))
-    except DataError as e:
-        sys.exit(f"data.py: {e}")
+    except DataError as e:  # one line and status 2, as the method command lines (train.cli)
+        print(f"data.py: {e}", file=sys.stderr)
+        error = SystemExit(f"data.py: {e}")
+        error.code = 2
+        raise error from None
     if not args.bench:
         return summary(ds)
     samples, frames, workers = bench(ds, workers=args.workers)

@@ -528,9 +528,9 @@ def test_calvin_annotations_are_unpickled_without_running_code(calvin_path, tmp_
         "info": {"indx": [(0, 1)]}})
     refused = r"auto_lang_ann.npy: refused to unpickle (posix|os|nt)\.system: only dicts, lists, strings"
     one_line_error(lambda: data.load(str(tmp_path / "calvin")), refused)
-    with pytest.raises(SystemExit, match=refused):  # python data.py PATH
+    with pytest.raises(SystemExit, match=refused) as exit_:  # python data.py PATH: one line, status 2
         data.main([str(tmp_path / "calvin")])
-    assert not marker.exists()
+    assert exit_.value.code == 2 and not marker.exists()
     np.load(folder / "lang_annotations" / "auto_lang_ann.npy", allow_pickle=True)  # what the reader did before
     assert marker.exists()
 
