@@ -336,7 +336,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                     save_checkpoint(ckpt_path, {
                         "method": method, "config": config, "model": model.state_dict(),
                         "optimizer": opt.state_dict(), "step": done, "stats": dataset.stats,
-                        "instructions": dataset.instructions, "train_config": asdict(cfg)})
+                        "instructions": dataset.instructions, "train_config": asdict(cfg),
+                        "amp_dtype": "bf16" if amp == torch.bfloat16 else "fp32"})  # resolved: eval runs in it
                 if world > 1:
                     dist.barrier()
             if last and rank == 0:

@@ -99,6 +99,13 @@ def test_checkpoint_holds_what_eval_needs(tmp_path):
     assert ckpt["stats"][0]["name"] == "bridge_dataset" and len(ckpt["stats"][0]["action"]["q99"]) == 7
     assert ckpt["instructions"] and "optimizer" in ckpt and ckpt["train_config"]["steps"] == 5
     assert json.loads((tmp_path / "stats.json").read_text()) == ckpt["stats"]
+    assert ckpt["amp_dtype"] == "fp32"  # the resolved autocast dtype (tiny_job asks for none: auto on a CPU)
+
+
+@bridge
+def test_checkpoint_records_the_resolved_autocast_dtype(tmp_path):
+    tiny_job.run(tmp_path, steps=5, dtype="bf16")
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["amp_dtype"] == "bf16"
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
