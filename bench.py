@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 import time
 
 import torch
@@ -270,6 +271,36 @@ def bench_eval(quick):
     return results["episodes_per_minute"]
 
 
+METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
+
+
+def dtype_check(methods, steps, dtypes=("fp32", "bf16")):
+    """Each method's CPU-default run (its own command line: default config, the default MetaWorld data, no
+    evaluation) for `steps` steps in each dtype from the same seed -> rows of the loss's mean over the last
+    half of the logged steps and the samples/s after the first logged row (startup and warm-up)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    rows = []
+    for name in methods:
+        for dtype in dtypes:
+            with tempfile.TemporaryDirectory() as out:
+                cmd = [sys.executable, f"{name}.py", "--steps", str(steps), "--dtype", dtype, "--out_dir", out,
+                       "--log_every", "5", "--eval_episodes", "0", "--no-resume", "--seed", "0"]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                if done.returncode:
+                    raise SystemExit(f"bench.py --dtype_check: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+                log = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
+            tail = log[len(log) // 2:]
+            rows.append({"method": name, "dtype": dtype, "steps": steps,
+                         "loss": sum(r["loss"] for r in tail) / len(tail),
+                         "samples_per_s": sum(r["samples_per_s"] for r in log[1:]) / max(1, len(log) - 1)})
+            print(f"{name:<6} {dtype:<5} last-half loss {rows[-1]['loss']:.4f}  samples/s {rows[-1]['samples_per_s']:.2f}",
+                  flush=True)
+    return rows
+
+
 def fmt(x, spec):  # spec like "10.1f": a right-aligned "-" of the same width for a missing value
     return f"{'-':>{int(spec.split('.')[0])}}" if x is None else format(x, spec)
 
@@ -283,7 +314,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10 on a GPU, 2 on a CPU)")
     p.add_argument("--data", default=None, help="data.py source for the data row (default: the MetaWorld data)")
     p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
+    p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
+                   help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
     args = p.parse_args(argv)
+    if args.dtype_check:
+        methods = [m for m in args.methods.split(",") if m in METHOD_FILES] if "--methods" in (argv or sys.argv) \
+            else list(METHOD_FILES)
+        return dtype_check(methods, args.dtype_check)
     unknown = [m for m in args.methods.split(",") if m not in CASES]
     if unknown:
         raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
