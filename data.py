@@ -764,7 +764,7 @@ class Source:
         self.meta = json.loads((self.cache / "meta.json").read_text())
         self.name, self.stats, self.views = self.meta["name"], self.meta["stats"], self.meta["views"]
         self.instructions = self.meta["instructions"]
-        load = lambda n: np.load(self.cache / f"{n}.npy", mmap_mode="r")
+        load = lambda n: np.load(self.cache / f"{n}.npy", mmap_mode="r").view(np.ndarray)  # mapped, not read
         self.state, self.action, self.start = load("state"), load("action"), np.load(self.cache / "episode_start.npy")
         self.instruction = np.load(self.cache / "instruction.npy")
         self.embedding = load("embedding") if (self.cache / "embedding.npy").exists() else None
@@ -786,7 +786,7 @@ class Source:
             f = Path(self.meta["source"]["folder"]) / f"episode_{int(ptr):07d}.npz"
             (rgb,) = _calvin_frame(f, f"rgb_{'static' if view == 'primary' else 'gripper'}")
             return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-        shard, offset, length, crc = (int(x) for x in ptr)
+        shard, offset, length, crc = ptr.tolist()
         key = (os.getpid(), shard)  # one descriptor per worker process and shard; pread needs no seek
         if key not in self._files:
             self._files[key] = os.open(self.meta["source"]["files"][shard], os.O_RDONLY)
@@ -819,6 +819,12 @@ def resize(x, size, interpolation="bilinear"):
         return TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     y = TF.resize(x.float(), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def planar(x):
+    """uint8 (n, 3, H, W) of any strides (resize keeps channels last) -> contiguous; numpy's copy transposes
+    uint8 about twice as fast as torch's."""
+    return torch.from_numpy(np.ascontiguousarray(x.numpy()))
 
 
 class Mixture(torch.utils.data.Dataset):
@@ -875,12 +881,18 @@ class Mixture(torch.utils.data.Dataset):
     def __len__(self):
         return sum(len(s) for s in self.sources)
 
-    def _frames(self, src, view, idx):  # (n,) global step indices -> uint8 (n, 3, H, W), each decoded once
-        if view not in src.views:  # only with missing_views="zeros" (checked in __init__)
-            return torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8)
-        cache = {i: src.image(view, i) for i in dict.fromkeys(idx.tolist())}
-        out = [cache[i] for i in idx.tolist()]
-        return torch.stack([resize(x, self.size, self.interpolation) for x in out])
+    def _frames(self, src, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
+        """Each distinct frame of a window is decoded and resized once (histories repeat the first frame at an
+        episode start; future and goal frames overlap the history), and the frames of one native size are
+        resized in one call, stacked as decoded (channels last: no copy into planes)."""
+        raw = {(v, i): src.image(v, i) for v, idx in wanted.values() if v in src.views for i in idx.tolist()}
+        out = {}
+        for shape in {x.shape for x in raw.values()}:
+            group = [vi for vi, x in raw.items() if x.shape == shape]
+            stacked = torch.stack([raw[vi].permute(1, 2, 0) for vi in group]).permute(0, 3, 1, 2)  # (n, 3, h, w)
+            out.update(zip(group, planar(resize(stacked, self.size, self.interpolation))))
+        zeros = torch.zeros((3,) + self.size, dtype=torch.uint8)  # a view the source lacks (missing_views="zeros")
+        return {k: torch.stack([out.get((v, i), zeros) for i in idx.tolist()]) for k, (v, idx) in wanted.items()}
 
     def __getitem__(self, item):
         sid, i, position = item
@@ -897,8 +909,7 @@ class Mixture(torch.utils.data.Dataset):
         sample = {"obs_pad": torch.from_numpy(ts < 0), "state": torch.from_numpy(state),
                   "action": torch.from_numpy(action), "action_pad": torch.from_numpy(act_t >= length),
                   "instruction": src.instructions[src.instruction[e]], "dataset_id": sid, "episode": e, "step": t}
-        for view in self.views:
-            sample[f"image_{view}"] = self._frames(src, view, base + obs_t)
+        wanted = {f"image_{view}": (view, base + obs_t) for view in self.views}  # key -> (view, step indices)
         if self.missing_views == "zeros":
             sample["views_present"] = torch.tensor([v in src.views for v in self.views])
         if self.has_embedding:
@@ -906,12 +917,15 @@ class Mixture(torch.utils.data.Dataset):
         if self.goal_last:
             rng = np.random.default_rng([self.seed, position])
             goal = rng.integers(max(t, length - self.goal_last), length)
-            sample["goal_image_primary"] = self._frames(src, "primary", np.array([base + goal]))[0]
+            wanted["goal_image_primary"] = ("primary", np.array([base + goal]))
         if self.future:
             fut = obs_t + self.future
             for view in dict.fromkeys(("primary",) + tuple(self.views)):
-                sample[f"future_image_{view}"] = self._frames(src, view, base + np.minimum(fut, length - 1))
+                wanted[f"future_image_{view}"] = (view, base + np.minimum(fut, length - 1))
             sample["future_pad"] = torch.from_numpy(fut >= length)
+        sample.update(self._frames(src, wanted))
+        if self.goal_last:
+            sample["goal_image_primary"] = sample["goal_image_primary"][0]
         return sample
 
 

@@ -19,6 +19,13 @@ def window(path, **kw):
     return data.load(str(path), image_size=kw.pop("image_size", 32), **kw)
 
 
+def reference_frames(ds, src, view, idx):
+    """main's per-frame way (before issue 16): decode and resize frame by frame, stack -> uint8 (n, 3, H, W)."""
+    if view not in src.views:
+        return torch.zeros((len(idx), 3) + ds.size, dtype=torch.uint8)
+    return torch.stack([data.resize(src.image(view, int(i)), ds.size, ds.interpolation) for i in idx])
+
+
 def episode_of(ds, e):
     s = ds.sources[0]
     return range(int(s.start[e]), int(s.start[e + 1]))
@@ -188,7 +195,7 @@ def test_goal_is_a_later_frame_of_the_same_episode(droid_path):
         x = ds[(0, i, position)]
         e, t, length = src.locate(i)
         matches = [g for g in range(max(t, length - 8), length)
-                   if torch.equal(x["goal_image_primary"], ds._frames(src, "primary", np.array([src.start[e] + g]))[0])]
+                   if torch.equal(x["goal_image_primary"], reference_frames(ds, src, "primary", [src.start[e] + g])[0])]
         assert matches, (i, e, t)
 
 
@@ -197,10 +204,30 @@ def test_future_frames_are_offset_and_clamped(droid_path):
     steps = episode_of(ds, 0)
     x = ds[(0, steps[-2], 0)]
     assert x["future_pad"].tolist() == [True, True]
-    assert torch.equal(x["future_image_primary"][1], ds._frames(ds.sources[0], "primary", np.array([steps[-1]]))[0])
+    assert torch.equal(x["future_image_primary"][1], reference_frames(ds, ds.sources[0], "primary", [steps[-1]])[0])
     y = ds[(0, steps[1], 0)]
     assert y["future_pad"].tolist() == [False, False]
-    assert torch.equal(y["future_image_primary"][0], ds._frames(ds.sources[0], "primary", np.array([steps[3]]))[0])
+    assert torch.equal(y["future_image_primary"][0], reference_frames(ds, ds.sources[0], "primary", [steps[3]])[0])
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "bicubic_float"])
+def test_windows_equal_frame_by_frame_decoding(bridge_path, interpolation):
+    """Issue 16: a window decodes and resizes each distinct frame once, in one call per frame size; the pixels
+    are bit-identical to decoding and resizing frame by frame (main's way), for every image key of a sample."""
+    ds = window(bridge_path, history=3, views=("primary", "secondary", "wrist"), goal_last=4, future=2,
+                missing_views="zeros", interpolation=interpolation, image_size=(40, 56))
+    src = ds.sources[0]
+    for position, i in enumerate([0, 1, 2, 13, 44, len(ds) - 1]):  # episode starts, middles, the very end
+        x = ds[(0, i, position)]
+        e, t, length = src.locate(i)
+        base, hist = int(src.start[e]), np.maximum(np.arange(t - 2, t + 1), 0)
+        for view in ("primary", "secondary", "wrist"):
+            assert torch.equal(x[f"image_{view}"], reference_frames(ds, src, view, base + hist)), (i, view)
+            fut = base + np.minimum(hist + 2, length - 1)
+            assert torch.equal(x[f"future_image_{view}"], reference_frames(ds, src, view, fut)), (i, view)
+        goals = [reference_frames(ds, src, "primary", [base + g])[0] for g in range(max(t, length - 4), length)]
+        assert any(torch.equal(x["goal_image_primary"], g) for g in goals)
+        assert x["image_primary"].is_contiguous() and x["image_wrist"].abs().sum() == 0
 
 
 # --- sampling: sharding, determinism, resume, mixtures ----------------------------------------------
