@@ -798,6 +798,7 @@ class Source:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+
 # ---------------------------------------------------------------------------------------------------
 # 6. Windows: the standard training sample (DESIGN.md)
 
@@ -848,10 +849,13 @@ class Mixture(torch.utils.data.Dataset):
     missing_views: "error" (default) refuses a source that lacks a requested view; "zeros" gives such a
     source all-zero frames for that view and marks it False in views_present (mixtures of embodiments
     with different cameras, e.g. HPT's per-embodiment stems).
+    cache_frames: "off" (default here) decodes the JPEGs of each sample; "on" reads the frames from decoded-frame
+    caches (section 7), built first where missing: the same pixels, so the same samples; "auto": "on" when they fit
+    FRAME_CACHE_BUDGET.
     """
 
     def __init__(self, sources, weights=None, history=1, chunk=1, image_size=224, views=("primary",),
-                 goal_last=0, future=0, seed=0, missing_views="error", interpolation="bilinear"):
+                 goal_last=0, future=0, seed=0, missing_views="error", interpolation="bilinear", cache_frames="off"):
         self.sources = sources
         if interpolation not in INTERPOLATIONS:
             raise DataError(f"interpolation='{interpolation}': expected one of {list(INTERPOLATIONS)}")
@@ -877,14 +881,30 @@ class Mixture(torch.utils.data.Dataset):
         self.stats = [dict(s.stats, dataset_id=i) for i, s in enumerate(sources)]
         self.instructions = sorted({t for s in sources for t in s.instructions})
         self.has_embedding = all(s.embedding is not None for s in sources)
+        cameras = tuple(dict.fromkeys(views + (("primary",) if goal_last or future else ())))
+        self.frame_caches = frame_caches(sources, cameras, self.size, interpolation, cache_frames)  # (sid, view) -> path
+        self._maps = {}  # (process id, sid, view) -> the cache's memmap, opened lazily in each DataLoader worker
+
+    def __getstate__(self):  # a memmap pickles as its whole array: workers started by spawn reopen their own
+        return {**self.__dict__, "_maps": {}}
 
     def __len__(self):
         return sum(len(s) for s in self.sources)
 
-    def _frames(self, src, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
-        """Each distinct frame of a window is decoded and resized once (histories repeat the first frame at an
-        episode start; future and goal frames overlap the history), and the frames of one native size are
-        resized in one call, stacked as decoded (channels last: no copy into planes)."""
+    def _cached(self, sid, view, idx):  # (n,) step indices -> uint8 (n, 3, H, W) from the decoded-frame cache
+        key = (os.getpid(), sid, view)
+        if key not in self._maps:
+            self._maps[key] = np.load(self.frame_caches[sid, view], mmap_mode="r")
+        return torch.from_numpy(self._maps[key][idx])  # a copy of the rows
+
+    def _frames(self, sid, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
+        """From the decoded-frame cache where there is one; else each distinct frame of a window is decoded and
+        resized once (histories repeat the first frame at an episode start; future and goal frames overlap the
+        history), and the frames of one native size are resized in one call, stacked as decoded (channels last:
+        no copy into planes)."""
+        src = self.sources[sid]
+        cached = {k: self._cached(sid, v, idx) for k, (v, idx) in wanted.items() if (sid, v) in self.frame_caches}
+        wanted = {k: w for k, w in wanted.items() if k not in cached}
         raw = {(v, i): src.image(v, i) for v, idx in wanted.values() if v in src.views for i in idx.tolist()}
         out = {}
         for shape in {x.shape for x in raw.values()}:
@@ -892,7 +912,8 @@ class Mixture(torch.utils.data.Dataset):
             stacked = torch.stack([raw[vi].permute(1, 2, 0) for vi in group]).permute(0, 3, 1, 2)  # (n, 3, h, w)
             out.update(zip(group, planar(resize(stacked, self.size, self.interpolation))))
         zeros = torch.zeros((3,) + self.size, dtype=torch.uint8)  # a view the source lacks (missing_views="zeros")
-        return {k: torch.stack([out.get((v, i), zeros) for i in idx.tolist()]) for k, (v, idx) in wanted.items()}
+        return {**cached, **{k: torch.stack([out.get((v, i), zeros) for i in idx.tolist()])
+                             for k, (v, idx) in wanted.items()}}
 
     def __getitem__(self, item):
         sid, i, position = item
@@ -923,7 +944,7 @@ class Mixture(torch.utils.data.Dataset):
             for view in dict.fromkeys(("primary",) + tuple(self.views)):
                 wanted[f"future_image_{view}"] = (view, base + np.minimum(fut, length - 1))
             sample["future_pad"] = torch.from_numpy(fut >= length)
-        sample.update(self._frames(src, wanted))
+        sample.update(self._frames(sid, wanted))
         if self.goal_last:
             sample["goal_image_primary"] = sample["goal_image_primary"][0]
         return sample
@@ -1010,12 +1031,14 @@ def _is_number(s):
         return False
 
 
-def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
+def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, cache_frames="auto", **window):
     """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed,
-    missing_views, interpolation (see resize)."""
+    missing_views, interpolation (see resize). cache_frames "auto" by default: a method's default run reads the
+    small MetaWorld data, whose frames at the method's size fit FRAME_CACHE_BUDGET and so are decoded once (the
+    first run builds the cache), while large data stays on the JPEG path (see Mixture)."""
     paths, given = parse_sources(spec)
     sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
-    return Mixture(sources, weights=weights if weights is not None else given, **window)
+    return Mixture(sources, weights=weights if weights is not None else given, cache_frames=cache_frames, **window)
 
 
 def add_args(parser):
@@ -1024,6 +1047,9 @@ def add_args(parser):
     g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS or CALVIN); default: MetaWorld")
     g.add_argument("--split", default="train")
     g.add_argument("--calvin_all_frames", action="store_true", help="CALVIN: every frame, not only annotated windows")
+    g.add_argument("--cache_frames", default="auto", choices=CACHE_FRAMES,
+                   help="decode every frame once at the training size into a uint8 memmap beside the index; auto: "
+                        f"when it fits {FRAME_CACHE_BUDGET / 2**30:.0f} GiB (data.FRAME_CACHE_BUDGET)")
     for flag in KEY_FLAGS:
         g.add_argument(f"--{flag}", default=None, help="map a dataset that is not in data.STANDARD")
     return parser
@@ -1034,7 +1060,100 @@ def keys_from(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Command line: summary and benchmark
+# 7. The decoded-frame cache (nanoGPT's .bin idea for small datasets): every frame of a camera decoded, checked
+#    and resized once into a uint8 memmap beside the index, so training reads raw pixels instead of JPEGs
+
+FRAME_CACHE_BUDGET = 8 * 2**30  # bytes; cache_frames="auto" builds the caches a Mixture needs when they fit
+CACHE_FRAMES = ("auto", "on", "off")
+
+
+def log(message):  # data.py's notes, once per job (rank 0 under torchrun)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"data: {message}", flush=True)
+
+
+def frame_cache_path(src, view, size, interpolation):
+    """Keyed by camera, size and resize; it lives in the index folder, whose name is the dataset's fingerprint,
+    so a changed dataset gets a new index and a new cache."""
+    return src.cache / f"frames-{view}-{size[0]}x{size[1]}-{interpolation}.npy"
+
+
+def frame_cache_ok(path, shape):
+    """The cache is complete and intact: its sidecar names its shape and CRC-32C, and the file matches both."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):  # missing, truncated (mmap past the end) or not an .npy
+        return False
+    if frames.shape != tuple(shape) or frames.dtype != np.uint8 or meta.get("shape") != list(shape):
+        return False
+    return google_crc32c.value(frames.reshape(-1)) == meta.get("crc32c")
+
+
+def build_frame_cache(src, view, size, interpolation, workers=None):
+    """Decode (checking every JPEG's CRC-32C, as training does), resize and write every frame of a view in step
+    order: uint8 (steps, 3, H, W), written to a temporary file and renamed, so ranks that race all write the same
+    bytes and an interrupted build leaves nothing behind."""
+    path, start = frame_cache_path(src, view, size, interpolation), time.time()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    frames = Mixture([src], views=(view,), image_size=size, interpolation=interpolation)  # the JPEG path
+    workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
+    batches = torch.utils.data.DataLoader(frames, 256, num_workers=workers,
+                                          sampler=((0, i, 0) for i in range(len(src))))  # in step order
+    try:
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(src), 3, *size))
+        for b, batch in enumerate(batches):
+            x = batch[f"image_{view}"][:, 0].numpy()  # (n, 3, H, W)
+            out[b * 256:b * 256 + len(x)] = x
+        out.flush()
+        crc = google_crc32c.value(np.load(tmp, mmap_mode="r").reshape(-1))
+        del out
+        side = tmp.with_suffix(".json.tmp")
+        side.write_text(json.dumps({"shape": [len(src), 3, *size], "crc32c": crc, "view": view,
+                                    "interpolation": interpolation, "seconds": round(time.time() - start, 1)}))
+        os.replace(tmp, path)
+        os.replace(side, path.with_suffix(".json"))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json.tmp").unlink(missing_ok=True)
+    log(f"decoded-frame cache: {len(src):,} {view} frames of {src.name} at {size[0]}x{size[1]} ({interpolation}) "
+        f"in {time.time() - start:.0f} s -> {path}")
+    return path
+
+
+def frame_caches(sources, views, size, interpolation, mode):
+    """{(source id, view): cache path} for every camera a Mixture reads, built where missing or damaged.
+    mode: "on", "off", or "auto": on when all of them fit FRAME_CACHE_BUDGET and the disk (the decision is logged)."""
+    if mode not in CACHE_FRAMES:
+        raise DataError(f"cache_frames='{mode}': expected one of {list(CACHE_FRAMES)}")
+    wanted = [(sid, v) for sid, s in enumerate(sources) for v in views if v in s.views]
+    if mode == "off" or not wanted:
+        return {}
+    need = sum(len(sources[sid]) * 3 * size[0] * size[1] for sid, _ in wanted)
+    caches = {(sid, v): frame_cache_path(sources[sid], v, size, interpolation) for sid, v in wanted}
+    missing = [k for k, p in caches.items() if not frame_cache_ok(p, (len(sources[k[0]]), 3, *size))]
+    new = sum(len(sources[sid]) * 3 * size[0] * size[1] for sid, _ in missing)
+    free = shutil.disk_usage(sources[0].cache.parent).free
+    what = (f"{len(wanted)} camera(s), {sum(len(sources[sid]) for sid, _ in wanted):,} frames at {size[0]}x{size[1]} "
+            f"= {need / 2**30:.2f} GiB ({new / 2**30:.2f} GiB to build, {free / 2**30:.0f} GiB free)")
+    if new > free:
+        if mode == "on":
+            raise DataError(f"cache_frames='on': {what}: not enough free disk in {sources[0].cache.parent}")
+        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from the JPEGs")
+        return {}
+    if mode == "auto" and need > FRAME_CACHE_BUDGET:
+        log(f"decoded-frame cache off (auto: {what} > FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB); "
+            f"frames are decoded from the JPEGs")
+        return {}
+    log(f"decoded-frame cache on ({mode}: {what}" + (f" <= FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB"
+                                                     if mode == "auto" else "") + ")")
+    for sid, v in missing:
+        build_frame_cache(sources[sid], v, size, interpolation)
+    return caches
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Command line: summary and benchmark
 
 def summary(ds):
     for sid, s in enumerate(ds.sources):
@@ -1076,7 +1195,7 @@ def main(argv=None):
     add_args(p)
     args = p.parse_args(argv)
     try:
-        ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames,
+        ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames, cache_frames=args.cache_frames,
                   image_size=args.image_size, history=args.history, views=tuple(args.views.split(",")))
     except DataError as e:  # one line and status 2, as the method command lines (train.cli)
         print(f"data.py: {e}", file=sys.stderr)
@@ -1087,7 +1206,8 @@ def main(argv=None):
         return summary(ds)
     samples, frames, workers = bench(ds, workers=args.workers)
     print(f"{samples:,.0f} samples/s, {frames:,.0f} decoded+resized frames/s ({workers} workers, "
-          f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)})")
+          f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)}, frames from "
+          f"{'the decoded-frame cache' if ds.frame_caches else 'the JPEGs'})")
 
 
 if __name__ == "__main__":
