@@ -894,7 +894,7 @@ class Mixture(torch.utils.data.Dataset):
     def _cached(self, sid, view, idx):  # (n,) step indices -> uint8 (n, 3, H, W) from the decoded-frame cache
         key = (os.getpid(), sid, view)
         if key not in self._maps:
-            self._maps[key] = np.load(self.frame_caches[sid, view], mmap_mode="r")
+            self._maps[key] = np.load(self.frame_caches[sid, view], mmap_mode="r").view(np.ndarray)  # mapped
         return torch.from_numpy(self._maps[key][idx])  # a copy of the rows
 
     def _frames(self, sid, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
@@ -903,17 +903,18 @@ class Mixture(torch.utils.data.Dataset):
         history), and the frames of one native size are resized in one call, stacked as decoded (channels last:
         no copy into planes)."""
         src = self.sources[sid]
-        cached = {k: self._cached(sid, v, idx) for k, (v, idx) in wanted.items() if (sid, v) in self.frame_caches}
-        wanted = {k: w for k, w in wanted.items() if k not in cached}
+        frames = {k: self._cached(sid, v, idx) for k, (v, idx) in wanted.items() if (sid, v) in self.frame_caches}
+        wanted = {k: w for k, w in wanted.items() if k not in frames}  # the JPEG path for the rest
         raw = {(v, i): src.image(v, i) for v, idx in wanted.values() if v in src.views for i in idx.tolist()}
         out = {}
         for shape in {x.shape for x in raw.values()}:
             group = [vi for vi, x in raw.items() if x.shape == shape]
             stacked = torch.stack([raw[vi].permute(1, 2, 0) for vi in group]).permute(0, 3, 1, 2)  # (n, 3, h, w)
             out.update(zip(group, planar(resize(stacked, self.size, self.interpolation))))
-        zeros = torch.zeros((3,) + self.size, dtype=torch.uint8)  # a view the source lacks (missing_views="zeros")
-        return {**cached, **{k: torch.stack([out.get((v, i), zeros) for i in idx.tolist()])
-                             for k, (v, idx) in wanted.items()}}
+        for k, (v, idx) in wanted.items():
+            frames[k] = (torch.stack([out[v, i] for i in idx.tolist()]) if v in src.views else  # missing_views="zeros":
+                         torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8))           # a camera it lacks
+        return frames
 
     def __getitem__(self, item):
         sid, i, position = item
@@ -1063,7 +1064,7 @@ def keys_from(args):
 # 7. The decoded-frame cache (nanoGPT's .bin idea for small datasets): every frame of a camera decoded, checked
 #    and resized once into a uint8 memmap beside the index, so training reads raw pixels instead of JPEGs
 
-FRAME_CACHE_BUDGET = 8 * 2**30  # bytes; cache_frames="auto" builds the caches a Mixture needs when they fit
+FRAME_CACHE_BUDGET = 16 * 2**30  # bytes; "auto" builds a Mixture's caches when they fit (every default MetaWorld run)
 CACHE_FRAMES = ("auto", "on", "off")
 
 
