@@ -11,8 +11,10 @@ Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
      dpitch, dyaw, gripper], gripper 1 = open / 0 = closed, as Octo does) and caches numeric arrays,
      normalisation statistics and a pointer (shard, offset, length, CRC-32C) to every JPEG.
   2. Mixture (a map-style torch Dataset) cuts windows (history T, action chunk K, goal / future frames)
-     and decodes only the JPEGs it needs, with torchvision, in DataLoader workers. A seeded sampler makes
-     the order exact, the same on any number of ranks, and resumable at any step.
+     and decodes only the JPEGs it needs, with torchvision, in DataLoader workers; or, for small data
+     (cache_frames, section 7), reads the frames from a uint8 memmap into which each was decoded once at the
+     training size. A seeded sampler makes the order exact, the same on any number of ranks, and resumable
+     at any step.
 
     python data.py PATH            # summary: episodes, steps, keys, shapes, instructions, statistics
     python data.py PATH --bench    # samples/s and decoded frames/s
@@ -1042,15 +1044,16 @@ def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, 
     return Mixture(sources, weights=weights if weights is not None else given, cache_frames=cache_frames, **window)
 
 
-def add_args(parser):
-    """The data flags every method's main() shares."""
+def add_args(parser, cache_frames=True):
+    """The data flags every method's main() shares; --cache_frames where its frames come from data.load."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS or CALVIN); default: MetaWorld")
     g.add_argument("--split", default="train")
     g.add_argument("--calvin_all_frames", action="store_true", help="CALVIN: every frame, not only annotated windows")
-    g.add_argument("--cache_frames", default="auto", choices=CACHE_FRAMES,
-                   help="decode every frame once at the training size into a uint8 memmap beside the index; auto: "
-                        f"when it fits {FRAME_CACHE_BUDGET / 2**30:.0f} GiB (data.FRAME_CACHE_BUDGET)")
+    if cache_frames:
+        g.add_argument("--cache_frames", default="auto", choices=CACHE_FRAMES,
+                       help="decode every frame once at the training size into a uint8 memmap beside the index; "
+                            f"auto: when it fits {FRAME_CACHE_BUDGET / 2**30:.0f} GiB (data.FRAME_CACHE_BUDGET)")
     for flag in KEY_FLAGS:
         g.add_argument(f"--{flag}", default=None, help="map a dataset that is not in data.STANDARD")
     return parser

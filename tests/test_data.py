@@ -692,3 +692,22 @@ def test_auto_builds_the_cache_when_it_fits_the_budget(bridge_path, monkeypatch,
     assert data.load(str(bridge_path), image_size=16).frame_caches
     assert "<= FRAME_CACHE_BUDGET" in capsys.readouterr().out
     one_line_error(lambda: window(bridge_path, cache_frames="yes"), r"cache_frames='yes': expected one of")
+
+
+@pytest.mark.parametrize("method", ["rt1", "gcbc", "hpt", "gr1"])
+def test_every_method_passes_cache_frames_to_data_load(method, bridge_path, monkeypatch):
+    """(hpt: without --resnet_weights its ResNet trains, so it reads frames; mcr has no such flag: it crops frames
+    at their native size.)"""
+    import importlib
+
+    class Loaded(Exception):
+        pass
+
+    def load(spec, *args, **window):
+        raise Loaded(window)
+    module = importlib.import_module(method)
+    monkeypatch.setattr(data, "load", load)
+    monkeypatch.setattr("sys.argv", [f"{method}.py", "--data", str(bridge_path), "--cache_frames", "on"])
+    with pytest.raises(Loaded) as loaded:
+        module.main()
+    assert loaded.value.args[0]["cache_frames"] == "on"
