@@ -4,6 +4,7 @@
     python bench.py --methods rt1,hpt-base --steps 20
     python bench.py --quick                # tiny configurations on the CPU in under a minute (tests/test_bench.py)
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
+    python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
@@ -235,7 +236,7 @@ def bench_feature_pass(path, quick, device):
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NANOROBOT_CACHE"] = tmp
         try:
-            ds = data.load(path, image_size=32 if quick else 224)
+            ds = data.load(path, image_size=32 if quick else 224, cache_frames="off")  # the pass decodes itself
             encoder = hpt.ResNetFeatures(frozen=True)
             torch.save(encoder.net.state_dict(), os.path.join(tmp, "resnet18.pth"))
             start = time.perf_counter()
@@ -250,15 +251,84 @@ def bench_feature_pass(path, quick, device):
     return len(ds), seconds
 
 
-def bench_data(path, quick):
-    """data.py: decoded + resized frames/s through the DataLoader (real files, all workers)."""
+# ---------------------------------------------------------------------------------------------------
+# data.py: decoded+resized frames/s per core, on the JPEG path and from the decoded-frame cache
+
+BRIDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "oxe", "bridge_dataset",
+                      "1.0.0")
+DATA_CASES = (  # (source, size, resize, history, views, future): the Bridge sample at 224 px, the methods on MetaWorld
+    ("bridge", 224, "bilinear", 1, ("primary", "secondary"), 0),
+    ("metaworld", 64, "bilinear", 6, ("primary",), 0),                    # rt1 on a CPU
+    ("metaworld", 128, "bilinear", 6, ("primary",), 0),                   # rt1 on a GPU
+    ("metaworld", 128, "bilinear", 1, ("primary",), 0),                   # hpt on a CPU
+    ("metaworld", 64, "bicubic_float", 10, ("primary", "wrist"), 3),      # gr1 on a CPU
+)
+
+
+def data_before(folder):
+    """data.py of another checkout (git worktree add /tmp/before main) as the module data_before."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("data_before", os.path.join(folder, "data.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frames_per_s(module, ds, batches, B=16):
+    """Decoded+resized frames/s on one core: a DataLoader without workers, one torch thread."""
+    it = iter(module.loader(ds, B, num_workers=0))
+    first = next(it)
+    frames = sum(v[0].numel() // (3 * ds.size[0] * ds.size[1]) for k, v in first.items() if "image_" in k)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return B * batches * frames / (time.perf_counter() - start)
+
+
+def bench_data(metaworld, quick, before=None):
+    """Per case: main's data.py (--data_before), this data.py's JPEG path and its decoded-frame cache, timed in
+    interleaved rounds (best of 3) -> rows."""
     import data
+    old = data_before(before) if before else None
+    cases = [(metaworld, 32, "bilinear", 2, ("primary",), 0)] if quick else [
+        (BRIDGE if name == "bridge" else metaworld, *rest) for name, *rest in DATA_CASES]
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        ds = data.load(path, image_size=64 if quick else 224)
-    except data.DataError as e:
-        raise SystemExit(f"bench.py: --data: {e}") from None
-    samples_per_s, _, _ = data.bench(ds, *((8, 3) if quick else (32, 30)), workers=0 if quick else None)
-    return samples_per_s
+        for path, size, resize, history, views, future in cases:
+            if not os.path.exists(path):
+                print(f"data.py: {path} not found: its row is skipped")
+                continue
+            window = dict(image_size=size, interpolation=resize, history=history, views=views, future=future)
+            try:
+                ways = {"jpeg": (data, data.load(path, cache_frames="off", **window)),
+                        "cache": (data, data.load(path, cache_frames="on", **window))}
+            except data.DataError as e:
+                raise SystemExit(f"bench.py: --data: {e}") from None
+            if old:
+                ways["before"] = (old, old.load(path, **window))
+            best = {}
+            for _ in range(1 if quick else 3):
+                for way, (module, ds) in ways.items():
+                    best[way] = max(best.get(way, 0), frames_per_s(module, ds, 2 if quick else 8))
+            rows.append(dict(path=path, size=size, resize=resize, history=history, views=len(views), future=future,
+                             **best))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def print_data(rows):
+    print("\ndata.py: decoded+resized frames/s on one core (DataLoader without workers, one thread, best of 3 "
+          "interleaved rounds); before = main's data.py (--data_before)")
+    print(f"{'source':<16} {'size':>4} {'resize':<13} {'T':>2} {'cams':>4} {'before':>8} {'JPEG':>8} {'cache':>8} "
+          f"{'JPEG/before':>11} {'cache/before':>12} {'cache/JPEG':>10}")
+    for r in rows:
+        name = os.path.basename(os.path.dirname(os.path.normpath(r["path"])))
+        ratio = lambda a, b: f"{r[a] / r[b]:.2f}x" if r.get(a) and r.get(b) else "-"
+        print(f"{name:<16} {r['size']:>4} {r['resize']:<13} {r['history']:>2} {r['views']:>4} "
+              f"{fmt(r.get('before'), '8.0f')} {r['jpeg']:>8.0f} {r['cache']:>8.0f} {ratio('jpeg', 'before'):>11} "
+              f"{ratio('cache', 'before'):>12} {ratio('cache', 'jpeg'):>10}" + (f"  future {r['future']}" if r["future"] else ""))
 
 
 def bench_eval(quick):
@@ -313,6 +383,8 @@ def main(argv=None):
                    "2 on a CPU, 4 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10 on a GPU, 2 on a CPU)")
     p.add_argument("--data", default=None, help="data.py source for the data row (default: the MetaWorld data)")
+    p.add_argument("--data_before", default=None, help="a checkout whose data.py is the data table's before "
+                   "column (git worktree add /tmp/before main)")
     p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
     p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
                    help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
@@ -357,8 +429,8 @@ def main(argv=None):
             frames, seconds = bench_feature_pass(path, args.quick, device)
             print(f"feature pass, once: {frames:,} frames in {seconds:.1f} s, {frames / seconds:,.1f} frames/s "
                   f"(decode, resize, ResNet-18, write) from {path}")
-    if os.path.exists(path):
-        print(f"\ndata.py: {bench_data(path, args.quick):,.0f} samples/s (1 frame each) from {path}")
+    if os.path.exists(path) or not args.quick:
+        print_data(bench_data(path, args.quick, args.data_before))
     else:
         print(f"\ndata.py: skipped ({path} not found: give --data or run python eval_sim.py collect)")
     if not args.no_eval:

@@ -11,8 +11,10 @@ Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
      dpitch, dyaw, gripper], gripper 1 = open / 0 = closed, as Octo does) and caches numeric arrays,
      normalisation statistics and a pointer (shard, offset, length, CRC-32C) to every JPEG.
   2. Mixture (a map-style torch Dataset) cuts windows (history T, action chunk K, goal / future frames)
-     and decodes only the JPEGs it needs, with torchvision, in DataLoader workers. A seeded sampler makes
-     the order exact, the same on any number of ranks, and resumable at any step.
+     and decodes only the JPEGs it needs, with torchvision, in DataLoader workers; or, for small data
+     (cache_frames, section 7), reads the frames from a uint8 memmap into which each was decoded once at the
+     training size. A seeded sampler makes the order exact, the same on any number of ranks, and resumable
+     at any step.
 
     python data.py PATH            # summary: episodes, steps, keys, shapes, instructions, statistics
     python data.py PATH --bench    # samples/s and decoded frames/s
@@ -764,7 +766,7 @@ class Source:
         self.meta = json.loads((self.cache / "meta.json").read_text())
         self.name, self.stats, self.views = self.meta["name"], self.meta["stats"], self.meta["views"]
         self.instructions = self.meta["instructions"]
-        load = lambda n: np.load(self.cache / f"{n}.npy", mmap_mode="r")
+        load = lambda n: np.load(self.cache / f"{n}.npy", mmap_mode="r").view(np.ndarray)  # mapped, not read
         self.state, self.action, self.start = load("state"), load("action"), np.load(self.cache / "episode_start.npy")
         self.instruction = np.load(self.cache / "instruction.npy")
         self.embedding = load("embedding") if (self.cache / "embedding.npy").exists() else None
@@ -786,7 +788,7 @@ class Source:
             f = Path(self.meta["source"]["folder"]) / f"episode_{int(ptr):07d}.npz"
             (rgb,) = _calvin_frame(f, f"rgb_{'static' if view == 'primary' else 'gripper'}")
             return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-        shard, offset, length, crc = (int(x) for x in ptr)
+        shard, offset, length, crc = ptr.tolist()
         key = (os.getpid(), shard)  # one descriptor per worker process and shard; pread needs no seek
         if key not in self._files:
             self._files[key] = os.open(self.meta["source"]["files"][shard], os.O_RDONLY)
@@ -796,6 +798,7 @@ class Source:
                             f"bytes) fails the CRC-32C recorded by prepare; the file is damaged or changed since "
                             f"(copy it again; then delete the cache {self.cache})")
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -821,6 +824,12 @@ def resize(x, size, interpolation="bilinear"):
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def planar(x):
+    """uint8 (n, 3, H, W) of any strides (resize keeps channels last) -> contiguous; numpy's copy transposes
+    uint8 about twice as fast as torch's."""
+    return torch.from_numpy(np.ascontiguousarray(x.numpy()))
+
+
 class Mixture(torch.utils.data.Dataset):
     """Windows over one or more sources. An item is (source id, step index, stream position), as the
     Sampler below yields them; the position seeds the sample's own randomness (goal choice).
@@ -842,10 +851,13 @@ class Mixture(torch.utils.data.Dataset):
     missing_views: "error" (default) refuses a source that lacks a requested view; "zeros" gives such a
     source all-zero frames for that view and marks it False in views_present (mixtures of embodiments
     with different cameras, e.g. HPT's per-embodiment stems).
+    cache_frames: "off" (default here) decodes the JPEGs of each sample; "on" reads the frames from decoded-frame
+    caches (section 7), built first where missing: the same pixels, so the same samples; "auto": "on" when they fit
+    FRAME_CACHE_BUDGET.
     """
 
     def __init__(self, sources, weights=None, history=1, chunk=1, image_size=224, views=("primary",),
-                 goal_last=0, future=0, seed=0, missing_views="error", interpolation="bilinear"):
+                 goal_last=0, future=0, seed=0, missing_views="error", interpolation="bilinear", cache_frames="off"):
         self.sources = sources
         if interpolation not in INTERPOLATIONS:
             raise DataError(f"interpolation='{interpolation}': expected one of {list(INTERPOLATIONS)}")
@@ -871,16 +883,40 @@ class Mixture(torch.utils.data.Dataset):
         self.stats = [dict(s.stats, dataset_id=i) for i, s in enumerate(sources)]
         self.instructions = sorted({t for s in sources for t in s.instructions})
         self.has_embedding = all(s.embedding is not None for s in sources)
+        cameras = tuple(dict.fromkeys(views + (("primary",) if goal_last or future else ())))
+        self.frame_caches = frame_caches(sources, cameras, self.size, interpolation, cache_frames)  # (sid, view) -> path
+        self._maps = {}  # (process id, sid, view) -> the cache's memmap, opened lazily in each DataLoader worker
+
+    def __getstate__(self):  # a memmap pickles as its whole array: workers started by spawn reopen their own
+        return {**self.__dict__, "_maps": {}}
 
     def __len__(self):
         return sum(len(s) for s in self.sources)
 
-    def _frames(self, src, view, idx):  # (n,) global step indices -> uint8 (n, 3, H, W), each decoded once
-        if view not in src.views:  # only with missing_views="zeros" (checked in __init__)
-            return torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8)
-        cache = {i: src.image(view, i) for i in dict.fromkeys(idx.tolist())}
-        out = [cache[i] for i in idx.tolist()]
-        return torch.stack([resize(x, self.size, self.interpolation) for x in out])
+    def _cached(self, sid, view, idx):  # (n,) step indices -> uint8 (n, 3, H, W) from the decoded-frame cache
+        key = (os.getpid(), sid, view)
+        if key not in self._maps:
+            self._maps[key] = np.load(self.frame_caches[sid, view], mmap_mode="r").view(np.ndarray)  # mapped
+        return torch.from_numpy(self._maps[key][idx])  # a copy of the rows
+
+    def _frames(self, sid, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
+        """From the decoded-frame cache where there is one; else each distinct frame of a window is decoded and
+        resized once (histories repeat the first frame at an episode start; future and goal frames overlap the
+        history), and the frames of one native size are resized in one call, stacked as decoded (channels last:
+        no copy into planes)."""
+        src = self.sources[sid]
+        frames = {k: self._cached(sid, v, idx) for k, (v, idx) in wanted.items() if (sid, v) in self.frame_caches}
+        wanted = {k: w for k, w in wanted.items() if k not in frames}  # the JPEG path for the rest
+        raw = {(v, i): src.image(v, i) for v, idx in wanted.values() if v in src.views for i in idx.tolist()}
+        out = {}
+        for shape in {x.shape for x in raw.values()}:
+            group = [vi for vi, x in raw.items() if x.shape == shape]
+            stacked = torch.stack([raw[vi].permute(1, 2, 0) for vi in group]).permute(0, 3, 1, 2)  # (n, 3, h, w)
+            out.update(zip(group, planar(resize(stacked, self.size, self.interpolation))))
+        for k, (v, idx) in wanted.items():
+            frames[k] = (torch.stack([out[v, i] for i in idx.tolist()]) if v in src.views else  # missing_views="zeros":
+                         torch.zeros((len(idx), 3) + self.size, dtype=torch.uint8))           # a camera it lacks
+        return frames
 
     def __getitem__(self, item):
         sid, i, position = item
@@ -897,8 +933,7 @@ class Mixture(torch.utils.data.Dataset):
         sample = {"obs_pad": torch.from_numpy(ts < 0), "state": torch.from_numpy(state),
                   "action": torch.from_numpy(action), "action_pad": torch.from_numpy(act_t >= length),
                   "instruction": src.instructions[src.instruction[e]], "dataset_id": sid, "episode": e, "step": t}
-        for view in self.views:
-            sample[f"image_{view}"] = self._frames(src, view, base + obs_t)
+        wanted = {f"image_{view}": (view, base + obs_t) for view in self.views}  # key -> (view, step indices)
         if self.missing_views == "zeros":
             sample["views_present"] = torch.tensor([v in src.views for v in self.views])
         if self.has_embedding:
@@ -906,12 +941,15 @@ class Mixture(torch.utils.data.Dataset):
         if self.goal_last:
             rng = np.random.default_rng([self.seed, position])
             goal = rng.integers(max(t, length - self.goal_last), length)
-            sample["goal_image_primary"] = self._frames(src, "primary", np.array([base + goal]))[0]
+            wanted["goal_image_primary"] = ("primary", np.array([base + goal]))
         if self.future:
             fut = obs_t + self.future
             for view in dict.fromkeys(("primary",) + tuple(self.views)):
-                sample[f"future_image_{view}"] = self._frames(src, view, base + np.minimum(fut, length - 1))
+                wanted[f"future_image_{view}"] = (view, base + np.minimum(fut, length - 1))
             sample["future_pad"] = torch.from_numpy(fut >= length)
+        sample.update(self._frames(sid, wanted))
+        if self.goal_last:
+            sample["goal_image_primary"] = sample["goal_image_primary"][0]
         return sample
 
 
@@ -996,20 +1034,26 @@ def _is_number(s):
         return False
 
 
-def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, **window):
+def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, cache_frames="auto", **window):
     """--data string -> Mixture. window: history, chunk, image_size, views, goal_last, future, seed,
-    missing_views, interpolation (see resize)."""
+    missing_views, interpolation (see resize). cache_frames "auto" by default: a method's default run reads the
+    small MetaWorld data, whose frames at the method's size fit FRAME_CACHE_BUDGET and so are decoded once (the
+    first run builds the cache), while large data stays on the JPEG path (see Mixture)."""
     paths, given = parse_sources(spec)
     sources = [Source(prepare(p, split, keys, calvin_all_frames)) for p in paths]
-    return Mixture(sources, weights=weights if weights is not None else given, **window)
+    return Mixture(sources, weights=weights if weights is not None else given, cache_frames=cache_frames, **window)
 
 
-def add_args(parser):
-    """The data flags every method's main() shares."""
+def add_args(parser, cache_frames=True):
+    """The data flags every method's main() shares; --cache_frames where its frames come from data.load."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS or CALVIN); default: MetaWorld")
     g.add_argument("--split", default="train")
     g.add_argument("--calvin_all_frames", action="store_true", help="CALVIN: every frame, not only annotated windows")
+    if cache_frames:
+        g.add_argument("--cache_frames", default="auto", choices=CACHE_FRAMES,
+                       help="decode every frame once at the training size into a uint8 memmap beside the index; "
+                            f"auto: when it fits {FRAME_CACHE_BUDGET / 2**30:.0f} GiB (data.FRAME_CACHE_BUDGET)")
     for flag in KEY_FLAGS:
         g.add_argument(f"--{flag}", default=None, help="map a dataset that is not in data.STANDARD")
     return parser
@@ -1020,7 +1064,100 @@ def keys_from(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. Command line: summary and benchmark
+# 7. The decoded-frame cache (nanoGPT's .bin idea for small datasets): every frame of a camera decoded, checked
+#    and resized once into a uint8 memmap beside the index, so training reads raw pixels instead of JPEGs
+
+FRAME_CACHE_BUDGET = 16 * 2**30  # bytes; "auto" builds a Mixture's caches when they fit (every default MetaWorld run)
+CACHE_FRAMES = ("auto", "on", "off")
+
+
+def log(message):  # data.py's notes, once per job (rank 0 under torchrun)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"data: {message}", flush=True)
+
+
+def frame_cache_path(src, view, size, interpolation):
+    """Keyed by camera, size and resize; it lives in the index folder, whose name is the dataset's fingerprint,
+    so a changed dataset gets a new index and a new cache."""
+    return src.cache / f"frames-{view}-{size[0]}x{size[1]}-{interpolation}.npy"
+
+
+def frame_cache_ok(path, shape):
+    """The cache is complete and intact: its sidecar names its shape and CRC-32C, and the file matches both."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):  # missing, truncated (mmap past the end) or not an .npy
+        return False
+    if frames.shape != tuple(shape) or frames.dtype != np.uint8 or meta.get("shape") != list(shape):
+        return False
+    return google_crc32c.value(frames.reshape(-1)) == meta.get("crc32c")
+
+
+def build_frame_cache(src, view, size, interpolation, workers=None):
+    """Decode (checking every JPEG's CRC-32C, as training does), resize and write every frame of a view in step
+    order: uint8 (steps, 3, H, W), written to a temporary file and renamed, so ranks that race all write the same
+    bytes and an interrupted build leaves nothing behind."""
+    path, start = frame_cache_path(src, view, size, interpolation), time.time()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    frames = Mixture([src], views=(view,), image_size=size, interpolation=interpolation)  # the JPEG path
+    workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
+    batches = torch.utils.data.DataLoader(frames, 256, num_workers=workers,
+                                          sampler=((0, i, 0) for i in range(len(src))))  # in step order
+    try:
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(src), 3, *size))
+        for b, batch in enumerate(batches):
+            x = batch[f"image_{view}"][:, 0].numpy()  # (n, 3, H, W)
+            out[b * 256:b * 256 + len(x)] = x
+        out.flush()
+        crc = google_crc32c.value(np.load(tmp, mmap_mode="r").reshape(-1))
+        del out
+        side = tmp.with_suffix(".json.tmp")
+        side.write_text(json.dumps({"shape": [len(src), 3, *size], "crc32c": crc, "view": view,
+                                    "interpolation": interpolation, "seconds": round(time.time() - start, 1)}))
+        os.replace(tmp, path)
+        os.replace(side, path.with_suffix(".json"))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json.tmp").unlink(missing_ok=True)
+    log(f"decoded-frame cache: {len(src):,} {view} frames of {src.name} at {size[0]}x{size[1]} ({interpolation}) "
+        f"in {time.time() - start:.0f} s -> {path}")
+    return path
+
+
+def frame_caches(sources, views, size, interpolation, mode):
+    """{(source id, view): cache path} for every camera a Mixture reads, built where missing or damaged.
+    mode: "on", "off", or "auto": on when all of them fit FRAME_CACHE_BUDGET and the disk (the decision is logged)."""
+    if mode not in CACHE_FRAMES:
+        raise DataError(f"cache_frames='{mode}': expected one of {list(CACHE_FRAMES)}")
+    wanted = [(sid, v) for sid, s in enumerate(sources) for v in views if v in s.views]
+    if mode == "off" or not wanted:
+        return {}
+    need = sum(len(sources[sid]) * 3 * size[0] * size[1] for sid, _ in wanted)
+    caches = {(sid, v): frame_cache_path(sources[sid], v, size, interpolation) for sid, v in wanted}
+    missing = [k for k, p in caches.items() if not frame_cache_ok(p, (len(sources[k[0]]), 3, *size))]
+    new = sum(len(sources[sid]) * 3 * size[0] * size[1] for sid, _ in missing)
+    free = shutil.disk_usage(sources[0].cache.parent).free
+    what = (f"{len(wanted)} camera(s), {sum(len(sources[sid]) for sid, _ in wanted):,} frames at {size[0]}x{size[1]} "
+            f"= {need / 2**30:.2f} GiB ({new / 2**30:.2f} GiB to build, {free / 2**30:.0f} GiB free)")
+    if new > free:
+        if mode == "on":
+            raise DataError(f"cache_frames='on': {what}: not enough free disk in {sources[0].cache.parent}")
+        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from the JPEGs")
+        return {}
+    if mode == "auto" and need > FRAME_CACHE_BUDGET:
+        log(f"decoded-frame cache off (auto: {what} > FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB); "
+            f"frames are decoded from the JPEGs")
+        return {}
+    log(f"decoded-frame cache on ({mode}: {what}" + (f" <= FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB"
+                                                     if mode == "auto" else "") + ")")
+    for sid, v in missing:
+        build_frame_cache(sources[sid], v, size, interpolation)
+    return caches
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Command line: summary and benchmark
 
 def summary(ds):
     for sid, s in enumerate(ds.sources):
@@ -1062,7 +1199,7 @@ def main(argv=None):
     add_args(p)
     args = p.parse_args(argv)
     try:
-        ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames,
+        ds = load(args.path, args.split, keys_from(args), args.calvin_all_frames, cache_frames=args.cache_frames,
                   image_size=args.image_size, history=args.history, views=tuple(args.views.split(",")))
     except DataError as e:  # one line and status 2, as the method command lines (train.cli)
         print(f"data.py: {e}", file=sys.stderr)
@@ -1073,7 +1210,8 @@ def main(argv=None):
         return summary(ds)
     samples, frames, workers = bench(ds, workers=args.workers)
     print(f"{samples:,.0f} samples/s, {frames:,.0f} decoded+resized frames/s ({workers} workers, "
-          f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)})")
+          f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)}, frames from "
+          f"{'the decoded-frame cache' if ds.frame_caches else 'the JPEGs'})")
 
 
 if __name__ == "__main__":

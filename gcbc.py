@@ -260,7 +260,8 @@ def main():
     # and eval_calvin.py.
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
-                  image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed, interpolation="bicubic")
+                  image_size=cfg.image_size, goal_last=cfg.goal_last, seed=tcfg.seed, interpolation="bicubic",
+                  cache_frames=args.cache_frames)
     ds = data.load(spec, **window)
     if cfg.sample_weights == "balance":
         if data.parse_sources(spec)[1] is not None:

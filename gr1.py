@@ -874,7 +874,8 @@ def main():
     spec = args.data or eval_sim.default_data()
     ds = data.load(spec, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
                    chunk=cfg.chunk_size, image_size=cfg.image_size, views=("primary", "wrist"), future=cfg.future,
-                   seed=tcfg.seed, interpolation="bicubic_float")  # GR1-Training's resize (Policy._image: the same)
+                   seed=tcfg.seed, interpolation="bicubic_float",  # GR1-Training's resize (Policy._image: the same)
+                   cache_frames=args.cache_frames)
     inputs = Inputs(ds.stats)
     if args.render:  # the batch's dataset_id must index the checkpoint's sources: render on its own data
         batch = next(iter(data.loader(ds, 4, 0, 1, tcfg.seed, 0, 0)))

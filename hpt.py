@@ -611,7 +611,8 @@ def main():
     spec = args.data or eval_sim.default_data()
     window = dict(split=args.split, keys=data.keys_from(args), calvin_all_frames=args.calvin_all_frames,
                   history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size, views=cfg.views,
-                  missing_views="zeros", seed=tcfg.seed)
+                  missing_views="zeros", seed=tcfg.seed,
+                  cache_frames=args.cache_frames if cfg.finetune_encoder else "off")  # frozen: features are cached
     ds = data.load(spec, **window)  # every episode of the split trains (official: 10% held out for validation)
     if len(ds.sources) > 1 and data.parse_sources(spec)[1] is None:
         # official temperature sampling, T = 2: a dataset's weight is proportional to sqrt(its size)

@@ -514,7 +514,7 @@ def main():
     import train
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_args(p)
+    data.add_args(p, cache_frames=False)  # frames are cropped at their native size from Source.image: no cache
     g = p.add_argument_group("mcr")
     g.add_argument("--export", metavar="ENCODER_PT", help="write the encoder of --ckpt as a plain torchvision "
                    "ResNet state_dict (no fc.*; loads into resnet50() with fc = Identity, strict), then exit")

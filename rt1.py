@@ -432,7 +432,7 @@ def main():
 
     path = args.data or eval_sim.default_data()
     ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
-                   image_size=cfg.image_size)
+                   image_size=cfg.image_size, cache_frames=args.cache_frames)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     if ds.has_embedding:
         dim = ds.sources[0].embedding.shape[1]

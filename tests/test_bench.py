@@ -17,7 +17,7 @@ def test_quick_runs_every_method_and_prints_one_table(droid_path, capsys):
         assert r["eager"] > 0 and r["flops"] > 0 and r["params"] > 0, r
         assert r["mfu"] is None  # no GPU peak on a CPU
         assert r["method"] in out
-    assert "samples/s (1 frame each)" in out and "episodes/min" in out
+    assert "decoded+resized frames/s on one core" in out and "episodes/min" in out
     # HPT's frozen ResNet: steps on live frames vs cached features (Small, Base), and the one-time feature pass
     table = out[out.index("live frames vs cached features"):].splitlines()
     for line, size in zip(table[2:4], ("small", "base")):

@@ -15,8 +15,15 @@ import data
 from tests import fixtures
 
 
-def window(path, **kw):
-    return data.load(str(path), image_size=kw.pop("image_size", 32), **kw)
+def window(path, **kw):  # the JPEG path unless a test asks for the decoded-frame cache
+    return data.load(str(path), image_size=kw.pop("image_size", 32), cache_frames=kw.pop("cache_frames", "off"), **kw)
+
+
+def reference_frames(ds, src, view, idx):
+    """main's per-frame way (before issue 16): decode and resize frame by frame, stack -> uint8 (n, 3, H, W)."""
+    if view not in src.views:
+        return torch.zeros((len(idx), 3) + ds.size, dtype=torch.uint8)
+    return torch.stack([data.resize(src.image(view, int(i)), ds.size, ds.interpolation) for i in idx])
 
 
 def episode_of(ds, e):
@@ -188,7 +195,7 @@ def test_goal_is_a_later_frame_of_the_same_episode(droid_path):
         x = ds[(0, i, position)]
         e, t, length = src.locate(i)
         matches = [g for g in range(max(t, length - 8), length)
-                   if torch.equal(x["goal_image_primary"], ds._frames(src, "primary", np.array([src.start[e] + g]))[0])]
+                   if torch.equal(x["goal_image_primary"], reference_frames(ds, src, "primary", [src.start[e] + g])[0])]
         assert matches, (i, e, t)
 
 
@@ -197,10 +204,30 @@ def test_future_frames_are_offset_and_clamped(droid_path):
     steps = episode_of(ds, 0)
     x = ds[(0, steps[-2], 0)]
     assert x["future_pad"].tolist() == [True, True]
-    assert torch.equal(x["future_image_primary"][1], ds._frames(ds.sources[0], "primary", np.array([steps[-1]]))[0])
+    assert torch.equal(x["future_image_primary"][1], reference_frames(ds, ds.sources[0], "primary", [steps[-1]])[0])
     y = ds[(0, steps[1], 0)]
     assert y["future_pad"].tolist() == [False, False]
-    assert torch.equal(y["future_image_primary"][0], ds._frames(ds.sources[0], "primary", np.array([steps[3]]))[0])
+    assert torch.equal(y["future_image_primary"][0], reference_frames(ds, ds.sources[0], "primary", [steps[3]])[0])
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "bicubic_float"])
+def test_windows_equal_frame_by_frame_decoding(bridge_path, interpolation):
+    """Issue 16: a window decodes and resizes each distinct frame once, in one call per frame size; the pixels
+    are bit-identical to decoding and resizing frame by frame (main's way), for every image key of a sample."""
+    ds = window(bridge_path, history=3, views=("primary", "secondary", "wrist"), goal_last=4, future=2,
+                missing_views="zeros", interpolation=interpolation, image_size=(40, 56))
+    src = ds.sources[0]
+    for position, i in enumerate([0, 1, 2, 13, 44, len(ds) - 1]):  # episode starts, middles, the very end
+        x = ds[(0, i, position)]
+        e, t, length = src.locate(i)
+        base, hist = int(src.start[e]), np.maximum(np.arange(t - 2, t + 1), 0)
+        for view in ("primary", "secondary", "wrist"):
+            assert torch.equal(x[f"image_{view}"], reference_frames(ds, src, view, base + hist)), (i, view)
+            fut = base + np.minimum(hist + 2, length - 1)
+            assert torch.equal(x[f"future_image_{view}"], reference_frames(ds, src, view, fut)), (i, view)
+        goals = [reference_frames(ds, src, "primary", [base + g])[0] for g in range(max(t, length - 4), length)]
+        assert any(torch.equal(x["goal_image_primary"], g) for g in goals)
+        assert x["image_primary"].is_contiguous() and x["image_wrist"].abs().sum() == 0
 
 
 # --- sampling: sharding, determinism, resume, mixtures ----------------------------------------------
@@ -593,3 +620,94 @@ def test_calvin_nan_state_is_named(calvin_path, tmp_path):
     np.savez_compressed(frame, **arrays)
     one_line_error(lambda: data.load(str(tmp_path / "calvin")),
                    rf"{frame.name}: robot_obs is not finite \(dim 4\); expected finite numbers")
+
+
+# --- the decoded-frame cache (issue 16) ---------------------------------------------------------------
+
+CACHED = dict(history=3, chunk=2, views=("primary", "secondary"), goal_last=4, future=2, image_size=(24, 40))
+
+
+def batches(ds, n, start=0, workers=0, batch=8):
+    dl = data.loader(ds, batch, seed=5, start=start, num_workers=workers)
+    return [b for _, b in zip(range(n), dl)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
+
+
+def test_frame_cache_gives_the_jpeg_paths_batches_with_workers_and_on_resume(bridge_path, capsys):
+    """The same samples in the same order, bit for bit, read from the cache as decoded from the JPEGs; with
+    DataLoader workers (each opens the memmap itself); and resumed mid-stream at a batch boundary."""
+    off = window(bridge_path, cache_frames="off", **CACHED)
+    on = window(bridge_path, cache_frames="on", **CACHED)
+    assert off.frame_caches == {} and set(on.frame_caches) == {(0, "primary"), (0, "secondary")}
+    assert "decoded-frame cache on (on: 2 camera(s), 450 frames at 24x40" in capsys.readouterr().out
+    reference = batches(off, 6)
+    assert_same_batches(batches(on, 6), reference)
+    assert_same_batches(batches(on, 6, workers=2), reference)
+    assert_same_batches(batches(on, 2, start=4 * 8), reference[4:])  # resume at step 4
+    on.sources[0].image = None  # the cached path never decodes a JPEG
+    batches(on, 2)
+
+
+def test_frame_cache_is_keyed_by_size_and_resize(bridge_path):
+    a = window(bridge_path, cache_frames="on", image_size=24)
+    b = window(bridge_path, cache_frames="on", image_size=28)
+    c = window(bridge_path, cache_frames="on", image_size=24, interpolation="bicubic")
+    paths = {a.frame_caches[0, "primary"], b.frame_caches[0, "primary"], c.frame_caches[0, "primary"]}
+    assert len(paths) == 3 and all(p.exists() for p in paths)
+    for ds in (a, b, c):
+        assert torch.equal(ds[(0, 17, 0)]["image_primary"], reference_frames(ds, ds.sources[0], "primary", [17]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "no sidecar", "other shape"])
+def test_a_damaged_frame_cache_is_detected_and_rebuilt(bridge_path, damage, capsys):
+    path = window(bridge_path, cache_frames="on", image_size=20).frame_caches[0, "primary"]
+    good = path.read_bytes()
+    capsys.readouterr()
+    if damage == "truncated":  # e.g. a full disk: the rename never happens, but a copied cache might be cut
+        path.write_bytes(good[:-1000])
+    elif damage == "flipped byte":  # no size change: only the CRC-32C in the sidecar sees it
+        flip(path, len(good) - 500)
+    elif damage == "no sidecar":  # a build interrupted between the two renames
+        path.with_suffix(".json").unlink()
+    else:
+        np.save(path, np.zeros((3, 3, 20, 20), np.uint8))
+    ds = window(bridge_path, cache_frames="on", image_size=20)
+    assert "225 primary frames of bridge_dataset at 20x20 (bilinear)" in capsys.readouterr().out  # rebuilt
+    assert path.read_bytes() == good
+    assert torch.equal(ds[(0, 9, 0)]["image_primary"], reference_frames(ds, ds.sources[0], "primary", [9]))
+
+
+def test_auto_builds_the_cache_when_it_fits_the_budget(bridge_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "FRAME_CACHE_BUDGET", 225 * 3 * 16 * 16 - 1)  # one byte short
+    assert data.load(str(bridge_path), image_size=16).frame_caches == {}  # auto is load's default
+    assert "decoded-frame cache off (auto: 1 camera(s), 225 frames at 16x16" in capsys.readouterr().out
+    monkeypatch.setattr(data, "FRAME_CACHE_BUDGET", 225 * 3 * 16 * 16)
+    assert data.load(str(bridge_path), image_size=16).frame_caches
+    assert "<= FRAME_CACHE_BUDGET" in capsys.readouterr().out
+    one_line_error(lambda: window(bridge_path, cache_frames="yes"), r"cache_frames='yes': expected one of")
+
+
+@pytest.mark.parametrize("method", ["rt1", "gcbc", "hpt", "gr1"])
+def test_every_method_passes_cache_frames_to_data_load(method, bridge_path, monkeypatch):
+    """(hpt: without --resnet_weights its ResNet trains, so it reads frames; mcr has no such flag: it crops frames
+    at their native size.)"""
+    import importlib
+
+    class Loaded(Exception):
+        pass
+
+    def load(spec, *args, **window):
+        raise Loaded(window)
+    module = importlib.import_module(method)
+    monkeypatch.setattr(data, "load", load)
+    monkeypatch.setattr("sys.argv", [f"{method}.py", "--data", str(bridge_path), "--cache_frames", "on"])
+    with pytest.raises(Loaded) as loaded:
+        module.main()
+    assert loaded.value.args[0]["cache_frames"] == "on"

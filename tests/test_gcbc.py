@@ -130,7 +130,7 @@ def test_balance_weights_reach_the_sampler(bridge_path):
 def test_goal_is_a_later_frame_of_the_same_episode(bridge_path, goal_last):
     ds = data.load(str(bridge_path), image_size=32, goal_last=goal_last)
     src = ds.sources[0]
-    frames = ds._frames(src, "primary", np.arange(len(src)))  # every frame of the sample, (N, 3, 32, 32)
+    frames = ds._frames(0, {"all": ("primary", np.arange(len(src)))})["all"]  # every frame, (N, 3, 32, 32)
     for position, i in enumerate(range(0, len(src), 7)):
         sample = ds[(0, i, position)]
         e, t, length = src.locate(i)
