@@ -331,14 +331,33 @@ def print_data(rows):
               f"{ratio('cache', 'before'):>12} {ratio('cache', 'jpeg'):>10}" + (f"  future {r['future']}" if r["future"] else ""))
 
 
-def bench_eval(quick):
-    """eval_sim: episodes/min of the random policy on reach-v3 (every episode runs the full 500 steps)."""
+def eval_policies(quick):
+    """{name: policy} for the eval rows: the random policy, and an untrained RT-1 of the CPU-default config
+    (64 px; it fails every episode, so every episode runs the full 500 steps)."""
     import eval_sim
-    episodes = 1 if quick else 4
-    with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own success table
-        results = eval_sim.evaluate(eval_sim.RandomPolicy(), "reach-v3", episodes, video=False, method="random",
-                                    workers=1 if quick else None)
-    return results["episodes_per_minute"]
+    import rt1
+    stats = [{"name": "metaworld", "action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}]
+    cfg = rt1.Config(image_size=32, layers=1, d_model=64, heads=2) if quick else rt1.Config(image_size=64)
+    model = rt1.RT1(cfg, sorted(set(eval_sim.INSTRUCTIONS.values())))
+    return {"random": eval_sim.RandomPolicy(), "rt1": rt1.Policy(model, rt1.ActionTokenizer(stats))}
+
+
+def bench_eval(quick):
+    """eval_sim: episodes/min/core on reach-v3 (every episode runs the full 500 steps) with one environment
+    worker and one torch thread: the policy and the simulator take turns, so about one core is busy."""
+    import eval_sim
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = {}
+    try:
+        for name, policy in eval_policies(quick).items():
+            episodes = 1 if quick or name != "random" else 4
+            with contextlib.redirect_stdout(io.StringIO()):  # evaluate's own success table
+                results = eval_sim.evaluate(policy, "reach-v3", episodes, video=False, method=name, workers=1)
+            rates[name] = results["episodes_per_minute"]
+    finally:
+        torch.set_num_threads(threads)
+    return rates
 
 
 METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
@@ -434,7 +453,9 @@ def main(argv=None):
     else:
         print(f"\ndata.py: skipped ({path} not found: give --data or run python eval_sim.py collect)")
     if not args.no_eval:
-        print(f"eval_sim: {bench_eval(args.quick):.1f} episodes/min (random policy, reach-v3, 500 steps each)")
+        for name, rate in bench_eval(args.quick).items():
+            print(f"eval_sim, {name} policy: {rate:.1f} episodes/min/core (reach-v3, 500 steps each, 1 worker, "
+                  f"1 torch thread)")
     return rows
 
 

@@ -74,6 +74,9 @@ warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")  # t
 SUITES = {"mt10": list(MT10_V3), "mt50": list(ALL_V3_ENVIRONMENTS)}
 PRIMARY_CAMERA = "corner4"  # of the corner cameras, the one that shows the objects largest in all 50 tasks
 WRIST_CAMERA = "gripperPOV"
+SIM_CAMERAS = {"image": PRIMARY_CAMERA, "wrist": WRIST_CAMERA}  # a TaskSim observation's image keys
+VIEWS = {"image_primary": "image", "image_wrist": "wrist"}  # a policy's observation image key -> TaskSim's
+VIDEO_EVERY = 4  # the rollout video shows every 4th step of episode 0 (and the step it succeeds)
 MAX_STEPS = 500  # MetaWorld's max_path_length: success at any step before it counts
 DEMO_SEED = 0  # demonstration k of a task tries seeds DEMO_SEED + k + attempt * episodes
 DEMO_TRIES = 10  # attempts per demonstration before the expert is declared broken on a task
@@ -228,9 +231,10 @@ class TaskSim:
         return self.observe(i, render), float(reward), bool(info["success"])
 
     def observe(self, i, render=True):
+        """render: True (every camera), False, or the keys of SIM_CAMERAS to draw (~10 ms per camera)."""
         obs = {"state": self.state[i][:4].astype(np.float32)}  # hand xyz, gripper opening
-        if render:
-            obs["image"], obs["wrist"] = self.render(i, PRIMARY_CAMERA), self.render(i, WRIST_CAMERA)
+        for key in (tuple(SIM_CAMERAS) if render is True else render or ()):
+            obs[key] = self.render(i, SIM_CAMERAS[key])
         return obs
 
     def render(self, i, camera):  # -> uint8 (H, W, 3)
@@ -370,19 +374,19 @@ def _env_worker(conn, size):
     sim, task, seeds, seed = None, None, [], None
     try:
         while (msg := conn.recv())[0] != "close":
-            if msg[0] == "reset":
-                _, task, seeds, goal = msg
+            if msg[0] == "reset":  # ("reset", task, seeds, goal, {local env index: SIM_CAMERAS keys})
+                _, task, seeds, goal, cameras = msg
                 if sim is not None:
                     sim.close()
                 sim = TaskSim(task, size, len(seeds))
                 replies = []
                 for i, seed in enumerate(seeds):
-                    replies.append(_reset(sim, i, seed, goal))
-            else:  # ("step", {local env index: standard action})
+                    replies.append(_reset(sim, i, seed, goal, cameras[i]))
+            else:  # ("step", {local env index: standard action}, {local env index: SIM_CAMERAS keys})
                 replies = {}
                 for i, action in msg[1].items():
                     seed = seeds[i]
-                    replies[i] = _step(sim, i, action)
+                    replies[i] = _step(sim, i, action, msg[2][i])
             conn.send(replies)
     except Exception as e:
         traceback.print_exc()
@@ -392,17 +396,24 @@ def _env_worker(conn, size):
             sim.close()
 
 
-def _reset(sim, i, seed, goal):
+def _reset(sim, i, seed, goal, cameras):
     obs = {"success": False}
     if goal:  # the last primary frame of the expert's rollout of this very variation (it succeeds on ~99%)
         expert_rollout(sim, i, seed, render=False)
         obs["goal"] = sim.render(i, PRIMARY_CAMERA)
-    return obs | sim.reset(i, seed) | {"expert_action": to_standard_action(sim.expert_action(i))}
+    return obs | sim.reset(i, seed, _cameras(cameras)) | {"expert_action": to_standard_action(sim.expert_action(i))}
 
 
-def _step(sim, i, action):
-    obs, _, success = sim.step(i, to_env_action(action))
+def _step(sim, i, action, cameras):
+    """cameras: the SIM_CAMERAS keys to draw after the step, and "video": the primary frame if it succeeds."""
+    obs, _, success = sim.step(i, to_env_action(action), _cameras(cameras))
+    if success and "video" in cameras and "image" not in obs:
+        obs["image"] = sim.render(i, PRIMARY_CAMERA)
     return obs | {"success": success, "expert_action": to_standard_action(sim.expert_action(i))}
+
+
+def _cameras(keys):
+    return tuple(k for k in keys if k != "video")
 
 
 class Workers:
@@ -454,17 +465,22 @@ class Workers:
         return EvalError(f"the environment worker for {self.task} (episodes with seeds {self.seeds[w]}) died "
                          f"({how}; out of memory, or a crash in MuJoCo or its renderer?)")
 
-    def reset(self, task, seeds, goal):  # -> list of observation dicts, one per env
+    def reset(self, task, seeds, goal, cameras=lambda i: tuple(SIM_CAMERAS)):  # -> observation dicts, one per env
+        """cameras(env index) -> the SIM_CAMERAS keys drawn for that env (+ "video", see _step)."""
         W = len(self.conns)
         self.task, self.seeds = task, [seeds[w::W] for w in range(W)]
         obs = [None] * len(seeds)
-        for w, reply in enumerate(self._call([("reset", task, seeds[w::W], goal) for w in range(W)])):
+        msgs = [("reset", task, seeds[w::W], goal, [cameras(i) for i in range(w, len(seeds), W)]) for w in range(W)]
+        for w, reply in enumerate(self._call(msgs)):
             obs[w::W] = reply
         return obs
 
-    def step(self, actions):  # {env index: standard action} -> {env index: observation dict}
+    def step(self, actions, cameras=lambda i: tuple(SIM_CAMERAS)):
+        """{env index: standard action} -> {env index: observation dict}; cameras as in reset."""
         W = len(self.conns)
-        replies = self._call([("step", {i // W: a for i, a in actions.items() if i % W == w}) for w in range(W)])
+        mine = lambda w: [i for i in actions if i % W == w]
+        replies = self._call([("step", {i // W: actions[i] for i in mine(w)}, {i // W: cameras(i) for i in mine(w)})
+                              for w in range(W)])
         return {j * W + w: obs for w, reply in enumerate(replies) for j, obs in reply.items()}
 
     def close(self):
@@ -479,16 +495,45 @@ class Workers:
                 p.terminate()
 
 
+def policy_views(policy):
+    """The observation image keys `policy` reads: its `views` attribute (a tuple of VIEWS keys); a policy that
+    declares none is given every camera."""
+    views = tuple(getattr(policy, "views", VIEWS))
+    if not set(views) <= set(VIEWS):
+        raise EvalError(f"policy {type(policy).__name__}: views {views} must be among {tuple(VIEWS)}")
+    return views
+
+
 def batch(obs, policy):
-    """List of per-env observation dicts -> the policy's obs dict, batched over envs (N first)."""
+    """List of per-env observation dicts -> the policy's obs dict, batched over envs (N first); images only
+    for the views the policy reads."""
     chw = lambda key: np.ascontiguousarray(np.stack([o[key] for o in obs]).transpose(0, 3, 1, 2))
-    out = {"image_primary": chw("image"), "image_wrist": chw("wrist"),  # uint8 (N, 3, H, W)
-           "state": np.stack([o["state"] for o in obs])}  # float32 (N, 4)
+    out = {view: chw(VIEWS[view]) for view in policy_views(policy)}  # uint8 (N, 3, H, W)
+    out["state"] = np.stack([o["state"] for o in obs])  # float32 (N, 4)
     if getattr(policy, "wants_goal_image", False):
         out["goal_image_primary"] = chw("goal")  # uint8 (N, 3, H, W)
     if getattr(policy, "wants_expert_action", False):  # the built-in expert only
         out["expert_action"] = np.stack([o["expert_action"] for o in obs])  # (N, 7)
     return out
+
+
+def bf16_native(device):
+    """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU with oneDNN's bf16 (AVX512-BF16 / AMX)."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def act(policy, obs, instructions):
+    """policy.act under bf16 autocast when the policy was trained in bf16 (its `amp_dtype`: a checkpoint's
+    "amp_dtype", set by rebuild_policy; absent = fp32) and its device computes bf16 natively. Every Policy
+    returns float32 actions: it casts the model's outputs to float32 before un-normalising them."""
+    if getattr(policy, "amp_dtype", "fp32") != "bf16" or not bf16_native(policy.device):
+        return policy.act(obs, instructions)
+    import torch
+    with torch.autocast(policy.device.type, dtype=torch.bfloat16):
+        return policy.act(obs, instructions)
 
 
 def check_actions(actions, n, method):
@@ -501,18 +546,27 @@ def check_actions(actions, n, method):
     return actions
 
 
-def run_task(workers, policy, task, seeds, method, bar):
-    """All episodes of one task at once -> (success per episode, frames of episode 0)."""
+def run_task(workers, policy, task, seeds, method, bar, video=True):
+    """All episodes of one task at once -> (success per episode, video frames of episode 0: every
+    VIDEO_EVERY-th step, the last step and the step it succeeds). Only the cameras the policy reads are drawn,
+    and episode 0's primary camera on the video's steps."""
     n, instructions = len(seeds), [INSTRUCTIONS[task]] * len(seeds)
-    obs = workers.reset(task, seeds, goal=getattr(policy, "wants_goal_image", False))
+    views = tuple(VIEWS[v] for v in policy_views(policy))
+    frame_step = lambda t: t % VIDEO_EVERY == 0 or t == MAX_STEPS  # t steps taken (0: the reset)
+
+    def cameras(t):  # -> (env index -> the SIM_CAMERAS keys it draws after t steps, + "video": see _step)
+        video_keys = (("image",) if frame_step(t) else ()) + ("video",)
+        return lambda i: tuple(dict.fromkeys(views + video_keys)) if video and i == 0 else views
+
+    obs = workers.reset(task, seeds, goal=getattr(policy, "wants_goal_image", False), cameras=cameras(0))
     policy.reset(n)
-    success, done, frames = np.zeros(n, bool), np.zeros(n, bool), [obs[0]["image"]]
+    success, done, frames = np.zeros(n, bool), np.zeros(n, bool), [obs[0]["image"]] if video else []
     for t in range(MAX_STEPS):
-        actions = check_actions(policy.act(batch(obs, policy), instructions), n, method)
-        for i, o in workers.step({i: actions[i] for i in np.flatnonzero(~done)}).items():
+        actions = check_actions(act(policy, batch(obs, policy), instructions), n, method)
+        for i, o in workers.step({i: actions[i] for i in np.flatnonzero(~done)}, cameras(t + 1)).items():
             obs[i], success[i] = obs[i] | o, o["success"]  # a step's reply updates; the reset's goal stays
-        if not done[0]:
-            frames.append(obs[0]["image"])
+            if video and i == 0 and (frame_step(t + 1) or o["success"]):
+                frames.append(o["image"])
         finished = success | (t == MAX_STEPS - 1)
         if (finished & ~done).any():
             bar.update(int((finished & ~done).sum()))
@@ -522,11 +576,11 @@ def run_task(workers, policy, task, seeds, method, bar):
     return success, frames
 
 
-def save_video(frames, success, path, every=4):
-    """GIF of one rollout; a green border and 'success' or a red border and 'failure' mark the outcome."""
+def save_video(frames, success, path):
+    """GIF of one rollout's frames; a green border and 'success' or a red border and 'failure' mark the outcome."""
     color, label = ((0, 200, 0), "success") if success else ((230, 0, 0), "failure")
     images = []
-    for f in frames[::every] + frames[-1:]:
+    for f in frames:
         img = Image.fromarray(f)
         draw = ImageDraw.Draw(img)
         draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=color, width=max(2, img.width // 40))
@@ -549,7 +603,7 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
     per_task, start = {}, time.time()
     try:
         for task in tasks:
-            success, frames = run_task(pool, policy, task, seeds, method, bar)
+            success, frames = run_task(pool, policy, task, seeds, method, bar, video=bool(video and out_dir))
             per_task[task] = success.tolist()
             if video and out_dir:
                 save_video(frames, success[0], os.path.join(out_dir, f"{task}.gif"))
@@ -581,7 +635,7 @@ def print_table(results):
 
 class ExpertPolicy:
     """MetaWorld's scripted expert, through the standard-action path that learned policies take."""
-    wants_expert_action = True
+    wants_expert_action, views = True, ()  # it reads the simulator's state: no camera is drawn for it
 
     def reset(self, num_envs):
         pass
@@ -592,6 +646,7 @@ class ExpertPolicy:
 
 class RandomPolicy:
     """Uniform random standard actions (no rotation): the floor any policy should beat."""
+    views = ()  # no camera is drawn for it
 
     def __init__(self, seed=0):
         self.rng = np.random.default_rng(seed)
@@ -634,7 +689,9 @@ def rebuild_policy(module, ckpt, device, path):
     import train
     method = f"{module.__name__}.Policy.from_checkpoint"
     try:
-        return module.Policy.from_checkpoint(ckpt, device)
+        policy = module.Policy.from_checkpoint(ckpt, device)
+        policy.amp_dtype = ckpt.get("amp_dtype", "fp32")  # the training's autocast dtype (older checkpoints: fp32)
+        return policy
     except KeyError as e:
         raise EvalError(f"--ckpt {path}: lacks the key {e} that {method} reads (written by another version of "
                         f"{module.__name__}.py?)") from None
@@ -889,7 +946,7 @@ def calvin_rollout(env, oracle, policy, task, ep_len, method):
     policy.reset(1)
     start = env.get_info()
     for _ in range(ep_len):
-        action = check_actions(policy.act(calvin_policy_obs(obs), [instruction]), 1, method)[0]
+        action = check_actions(act(policy, calvin_policy_obs(obs), [instruction]), 1, method)[0]
         obs, _, _, info = env.step(to_calvin_action(action))
         if oracle.get_task_info_for_set(start, info, {task}):
             return True

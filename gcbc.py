@@ -189,7 +189,7 @@ def balance_weights(steps, episodes, avg_episodes=3500):
 class Policy:
     """act(obs) -> standard 7-d actions. The goal image comes from the environment side: eval_sim gives
     the last frame of the expert's successful rollout of the same task variation (wants_goal_image)."""
-    wants_goal_image = True
+    wants_goal_image, views = True, ("image_primary",)  # the observation images it reads (+ the goal image)
 
     def __init__(self, model, stats, device="cpu", dataset="metaworld"):
         self.model, self.device = model.to(device).eval(), torch.device(device)
@@ -214,7 +214,7 @@ class Policy:
             return x  # else as main's training frames (data.resize "bicubic") and the reference: uint8, antialiased
         return TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, instructions):  # instructions are ignored: GC-BC is conditioned on the goal image
         mu = self.model(self._image(obs["image_primary"]), self._image(obs["goal_image_primary"]))  # (N, 7)
         return self.norm.decode(mu.float(), self.dataset_id).cpu().numpy()  # (N, 7), gripper 1 open / 0 closed

@@ -721,6 +721,7 @@ class Policy:
     steps it predicts and then executes the first `test_chunk_size` actions of the last step's chunk;
     frames seen in between do not enter the window (official). Statistics: the source whose state width
     matches the observation (MetaWorld 4, CALVIN 15)."""
+    views = ("image_primary", "image_wrist")  # the observation images it reads
 
     def __init__(self, model, stats, clip_ckpt=None):
         self.model, self.inputs, self.stats, self.clip_ckpt = model.eval(), Inputs(stats), stats, clip_ckpt
@@ -768,7 +769,7 @@ class Policy:
             x = x.round_().clamp_(0, 255).to(torch.uint8)  # (N, 3, S, S)
         return x.to(self.device)[:, None]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, instructions):  # -> (N, 7) standard actions, gripper 1 open / 0 closed
         if self.pending:
             return self.pending.pop(0)

@@ -431,6 +431,8 @@ class Policy:
         self.norm = {"state": Limits(stats, "state", state_dim), "action": Limits(stats, "action", model.action_dim)}
         self.state_dim = state_dim
         self.history = None
+        e = model.embodiments[dataset_id]  # the observation images it reads: eval_sim draws no other camera
+        self.views = tuple(f"image_{v}" for i, v in enumerate(model.cfg.views) if i in e["views"])
 
     @classmethod
     def from_checkpoint(cls, ckpt, device):
@@ -464,7 +466,7 @@ class Policy:
         state[:, :raw.shape[1]] = raw
         return torch.stack(frames, 1).to(self.device), state.to(self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, instructions):  # instructions unused: HPT (the default, language-free) has no language stem
         images, state = self._observation(obs)
         N, T = len(state), self.model.cfg.history
@@ -477,7 +479,7 @@ class Policy:
             new = (images[:, None], state[:, None], torch.zeros(N, 1, dtype=torch.bool, device=self.device))
             self.history = [torch.cat([old[:, 1:], x], 1) for old, x in zip(self.history, new)]
         chunk = self.model(*self.history, ids)  # (N, K, A) in [-1, 1]; history: (N, T, V, 3, S, S), (N, T, S), (N, T)
-        action = self.norm["action"].unnormalize(chunk[:, 0], ids).cpu().numpy()  # the first action only
+        action = self.norm["action"].unnormalize(chunk[:, 0].float(), ids).cpu().numpy()  # the first action only
         out = np.zeros((N, 7), np.float32)
         n = min(7, self.model.embodiments[self.dataset_id]["action_dim"])
         out[:, :n] = action[:, :n]

@@ -392,6 +392,7 @@ class BCPolicy(nn.Module):
 
 class Policy:
     """eval_sim's interface for a downstream checkpoint: the primary camera and the proprio -> 7-d action."""
+    views = ("image_primary",)  # the observation images it reads: eval_sim draws no other camera
 
     def __init__(self, model, device="cpu"):
         self.model, self.device = model.to(device).eval(), torch.device(device)
@@ -410,11 +411,12 @@ class Policy:
     def reset(self, num_envs):
         pass  # one frame, no history
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, instructions):  # instructions unused: one MLP over the tasks it was trained on
         images = torch.as_tensor(np.asarray(obs["image_primary"])).to(self.device)
         state = torch.as_tensor(np.asarray(obs["state"]), dtype=torch.float32).to(self.device)
-        return self.model(images, state).float().cpu().numpy()
+        z = self.model.head(self.model.features(images), state).float()  # z-scored (N, 7): float32 before un-scoring
+        return (z * self.model.action_std + self.model.action_mean).cpu().numpy()
 
 
 def demonstrations(src, tasks, demos, instructions):

@@ -349,6 +349,7 @@ class Policy:
     policy's "token reuse": with BatchNorm in eval mode a frame's tokens do not depend on other frames), so
     every step runs the tokenizer on one new frame only. At an episode start the history is the first
     frame repeated, as data.py pads training windows, and the action is read at the last step."""
+    views = ("image_primary",)  # the observation images it reads: eval_sim draws no other camera
 
     def __init__(self, model, tokenizer, dataset_id=0):
         self.model, self.tokenizer, self.dataset_id = model.eval(), tokenizer, dataset_id
@@ -366,7 +367,7 @@ class Policy:
     def reset(self, num_envs):
         self.history = None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs, instructions):  # obs["image_primary"] uint8 (N, 3, H, W) -> (N, 7)
         size = self.model.cfg.image_size
         images = torch.from_numpy(obs["image_primary"])
@@ -378,7 +379,7 @@ class Policy:
             self.history = tokens.repeat(1, self.model.cfg.history, 1, 1)  # (N, T, n, d)
         else:
             self.history = torch.cat([self.history[:, 1:], tokens], 1)
-        logits = self.model.transformer(self.history)[:, -1]  # (N, A, bins)
+        logits = self.model.transformer(self.history)[:, -1]  # (N, A, bins); the action decodes from argmax tokens
         dataset_id = torch.full((len(images),), self.dataset_id, device=self.device)
         action = self.tokenizer.decode(logits.argmax(-1), dataset_id).cpu().numpy()
         out = np.zeros((len(images), 7), np.float32)

@@ -313,3 +313,52 @@ def test_default_data_reuses_a_finished_collection(tiny_rlds, tmp_path, capsys):
     assert "collecting" not in capsys.readouterr().out
     with pytest.raises(EvalError, match="already exists"):
         eval_sim.collect("reach-v3", 2, str(root / "reach-v3_2"))
+
+
+# --- what a policy is given: only its declared cameras, bf16 where it trained in bf16 ------------------------
+
+class ViewRecorder(eval_sim.RandomPolicy):
+    views = ("image_wrist",)
+
+    def __init__(self):
+        super().__init__()
+        self.keys = set()
+
+    def act(self, obs, instructions):
+        self.keys |= {frozenset(obs)}
+        return super().act(obs, instructions)
+
+
+def test_a_policy_receives_only_the_views_it_declares(tmp_path):
+    # ~4 s: one worker, 500 steps drawing the wrist camera only (+ the primary one every 4th step for the video)
+    policy = ViewRecorder()
+    eval_sim.evaluate(policy, "reach-v3", 1, out_dir=str(tmp_path), method="recorder", size=32, workers=1)
+    assert policy.keys == {frozenset({"image_wrist", "state"})}
+    from PIL import Image
+    assert Image.open(tmp_path / "reach-v3.gif").n_frames == eval_sim.MAX_STEPS // eval_sim.VIDEO_EVERY + 1
+    pool = eval_sim.Workers(1, 32)
+    try:  # the built-in policies read no image: nothing is drawn
+        obs = pool.reset("reach-v3", [11], goal=False, cameras=lambda i: eval_sim.policy_views(eval_sim.RandomPolicy()))
+        assert set(obs[0]) == {"success", "state", "expert_action"}
+        assert set(pool.step({0: np.zeros(7)}, cameras=lambda i: ("wrist",))[0]) == {"success", "state", "wrist",
+                                                                                     "expert_action"}
+    finally:
+        pool.close()
+
+
+def test_bf16_trained_policy_acts_in_bf16_and_returns_float32_actions():
+    import gcbc
+    if not eval_sim.bf16_native(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
+    torch.manual_seed(0)
+    stats = [{"name": "metaworld", "action": {"mean": [0.1] * 6 + [0.5], "std": [2.0] * 6 + [0.5]}}]
+    policy = gcbc.Policy(gcbc.GCBC(gcbc.Config(image_size=32, width=8, stage_sizes=(1, 1, 1, 1), mlp_dims=(16, 16))),
+                         stats)
+    rng = np.random.default_rng(0)
+    obs = {k: rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8) for k in ("image_primary", "goal_image_primary")}
+    fp32 = policy.act(obs, ["x"] * 3)
+    assert np.array_equal(eval_sim.act(policy, obs, ["x"] * 3), fp32)  # no amp_dtype (older checkpoints): fp32
+    policy.amp_dtype = "bf16"
+    bf16 = eval_sim.act(policy, obs, ["x"] * 3)
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # bf16 ran
+    np.testing.assert_allclose(bf16[:, :6], fp32[:, :6], atol=0.1)
