@@ -517,21 +517,14 @@ def batch(obs, policy):
     return out
 
 
-def bf16_native(device):
-    """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU with oneDNN's bf16 (AVX512-BF16 / AMX)."""
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def act(policy, obs, instructions):
     """policy.act under bf16 autocast when the policy was trained in bf16 (its `amp_dtype`: a checkpoint's
     "amp_dtype", set by rebuild_policy; absent = fp32) and its device computes bf16 natively. Every Policy
     returns float32 actions: it casts the model's outputs to float32 before un-normalising them."""
-    if getattr(policy, "amp_dtype", "fp32") != "bf16" or not bf16_native(policy.device):
-        return policy.act(obs, instructions)
     import torch
+    import train
+    if getattr(policy, "amp_dtype", "fp32") != "bf16" or not train.bf16_native(policy.device):
+        return policy.act(obs, instructions)
     with torch.autocast(policy.device.type, dtype=torch.bfloat16):
         return policy.act(obs, instructions)
 

@@ -28,7 +28,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0     # max global grad norm; 0 disables
-    dtype: str = "auto"        # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp32
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})  # auto: autocast_dtype
+    channels_last: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})  # NHWC convolutions
     compile: bool = False      # torch.compile the model
     workers: int = -1          # DataLoader workers per rank; -1: cores per rank - 1
     seed: int = 0
@@ -118,7 +119,8 @@ def parse_args(*configs, parser=None, argv=None):
             elif isinstance(default, (tuple, list)):
                 group.add_argument(f"--{f.name}", nargs="+", type=type(default[0]), default=default)
             else:
-                group.add_argument(f"--{f.name}", type=type(default) if default is not None else str, default=default)
+                group.add_argument(f"--{f.name}", type=type(default) if default is not None else str, default=default,
+                                   choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
     out = [replace(c, **{f.name: type(getattr(c, f.name))(getattr(args, f.name))
                          if isinstance(getattr(c, f.name), tuple) else getattr(args, f.name) for f in flags(c)})
@@ -249,10 +251,35 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast_dtype(cfg, device):
-    if cfg.dtype == "fp32" or (cfg.dtype == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return None
-    return torch.bfloat16
+# What "auto" picks on a CPU, per method. bf16: none yet. In a synthetic step (bench.py's batches, interleaved)
+# GC-BC and HPT were 1.3x faster in bf16, but GC-BC's real CPU-default run (bench.py --dtype_check) was 2-6x
+# slower in bf16 twice on the shared 2-core machine (AVX512-BF16), so no method earns it until a quiet
+# measurement says otherwise; --dtype bf16 asks for it. NHWC: 1.1-1.2x faster in the synthetic step for RT-1,
+# HPT, GR-1 and MCR, 0.8x for GC-BC (docs/benchmarks.md, "CPU levers").
+CPU_BF16 = frozenset()
+CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "gr1", "mcr"})
+
+
+def bf16_native(device):
+    """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU with oneDNN's bf16 (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(cfg, device, method=None):
+    """-> torch.bfloat16 or None (fp32) for --dtype: auto is bf16 on a GPU that has it, and on a CPU with native
+    bf16 for the methods in CPU_BF16."""
+    if cfg.dtype == "auto":
+        gpu = device.type == "cuda"
+        return torch.bfloat16 if bf16_native(device) and (gpu or method in CPU_BF16) else None
+    return torch.bfloat16 if cfg.dtype == "bf16" else None
+
+
+def use_channels_last(cfg, device, method=None):
+    """--channels_last: auto is on for the methods in CPU_CHANNELS_LAST on a CPU, off on a GPU."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cpu"
+                                         and method in CPU_CHANNELS_LAST)
 
 
 def train(model, loss_fn, dataset, cfg, method, config, log=print):
@@ -275,6 +302,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     ckpt_path = out / "ckpt.pt"
     micro = cfg.batch_size // (world * cfg.grad_accum)
     model.to(device)
+    if use_channels_last(cfg, device, method):  # NHWC weights make every convolution compute in NHWC
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, device)
     start = 0
     if cfg.resume and ckpt_path.exists():
@@ -288,11 +317,11 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     workers = max(1, (os.cpu_count() or 2) // world - 1) if cfg.workers < 0 else cfg.workers
     batches = iter(data_lib.loader(dataset, micro, rank, world, cfg.seed, start * cfg.batch_size, workers,
                                    pin_memory=device.type == "cuda"))
-    amp = autocast_dtype(cfg, device)
+    amp = autocast_dtype(cfg, device, method)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         log(f"{method}: {n_params:,} trainable parameters | {world} rank(s) on {device.type} | "
-            f"{amp or torch.float32} | global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
+            f"{amp or torch.float32}{' | channels_last' if use_channels_last(cfg, device, method) else ''} | global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
             f"steps {start} -> {cfg.steps}")
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True, unit="step")
     t_last, n_logged, sums, step = time.time(), 0, {}, start
@@ -409,7 +438,7 @@ def run_folder(out, log=print):
 
 
 # settings that do not change what a run computes: a resumed run may differ in them without a word
-BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "compile", "find_unused", "dist_timeout"}
+BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "compile", "channels_last", "find_unused", "dist_timeout"}
 
 
 def resume(path, model, opt, method, config, cfg, log):

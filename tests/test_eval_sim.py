@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import eval_sim
+import train
 from eval_sim import EvalError
 
 
@@ -348,7 +349,7 @@ def test_a_policy_receives_only_the_views_it_declares(tmp_path):
 
 def test_bf16_trained_policy_acts_in_bf16_and_returns_float32_actions():
     import gcbc
-    if not eval_sim.bf16_native(torch.device("cpu")):
+    if not train.bf16_native(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
     torch.manual_seed(0)
     stats = [{"name": "metaworld", "action": {"mean": [0.1] * 6 + [0.5], "std": [2.0] * 6 + [0.5]}}]

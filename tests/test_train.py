@@ -108,6 +108,31 @@ def test_checkpoint_records_the_resolved_autocast_dtype(tmp_path):
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["amp_dtype"] == "bf16"
 
 
+def test_auto_dtype_is_bf16_on_a_cpu_only_for_the_methods_in_cpu_bf16(monkeypatch):
+    cpu, auto = torch.device("cpu"), train.TrainConfig()
+    monkeypatch.setattr(train, "bf16_native", lambda device: True)
+    monkeypatch.setattr(train, "CPU_BF16", {"gcbc"})  # today none: the rule, not the measured set
+    assert {m: train.autocast_dtype(auto, cpu, m) for m in ("gcbc", "rt1")} == {"gcbc": torch.bfloat16, "rt1": None}
+    assert train.autocast_dtype(train.TrainConfig(dtype="bf16"), cpu, "rt1") == torch.bfloat16
+    assert train.autocast_dtype(train.TrainConfig(dtype="fp32"), cpu, "gcbc") is None
+    monkeypatch.setattr(train, "bf16_native", lambda device: False)  # a CPU without AVX512-BF16 / AMX: fp32
+    assert train.autocast_dtype(auto, cpu, "gcbc") is None
+    with pytest.raises(SystemExit):  # argparse: "--dtype: invalid choice: 'bf61' (choose from ...)"
+        train.parse_args(train.TrainConfig(), argv=["--dtype", "bf61"])
+
+
+@bridge
+def test_channels_last_trains_the_same_model(tmp_path):
+    """NHWC changes how the convolution is computed, not what: the same losses to float rounding."""
+    losses = {}
+    for flag in ("off", "on"):
+        model = tiny_job.run(tmp_path / flag, steps=4, channels_last=flag)
+        assert model.conv[0].weight.is_contiguous(memory_format=torch.channels_last) == (flag == "on")
+        rows = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
+        losses[flag] = [json.loads(r)["loss"] for r in rows]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
 def test_learning_rate_warms_up_then_decays_to_min():
     cfg = train.TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
     lrs = [train.lr_at(s, cfg) for s in range(100)]
