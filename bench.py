@@ -2,6 +2,7 @@
 
     python bench.py                        # every method at its paper configuration, data.py, eval_sim
     python bench.py --methods rt1,hpt-base --steps 20
+    python bench.py --no_compile --no_eval # eager rows only: minutes on a CPU instead of half an hour
     python bench.py --quick                # tiny configurations on the CPU in under a minute (tests/test_bench.py)
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
@@ -386,6 +387,8 @@ def main(argv=None):
     p.add_argument("--data_before", default=None, help="a checkout whose data.py is the data table's before "
                    "column (git worktree add /tmp/before main)")
     p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
+    p.add_argument("--no_compile", action="store_true", help="eager rows only (compiling the paper models takes "
+                   "most of a 2-core CPU run's 26 minutes)")
     p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
                    help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
     args = p.parse_args(argv)
@@ -398,7 +401,7 @@ def main(argv=None):
         raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    compiles = (False,) if args.quick else (False, True)
+    compiles = (False,) if args.quick or args.no_compile else (False, True)
     steps = args.steps or (10 if device.type == "cuda" else 2)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"bench: {machine} | {'bf16 autocast' if amp else 'fp32'} | torch {torch.__version__} | "
