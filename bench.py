@@ -2,6 +2,7 @@
 
     python bench.py                        # every method at its paper configuration, data.py, eval_sim
     python bench.py --methods rt1,hpt-base --steps 20
+    python bench.py --no_compile --no_eval # eager rows only: minutes on a CPU instead of half an hour
     python bench.py --quick                # tiny configurations on the CPU in under a minute (tests/test_bench.py)
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
@@ -11,7 +12,8 @@ Training rows: samples/s of whole training steps (forward, loss, backward, AdamW
 and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
 method's loss reads (random pixels and actions: this measures the model, not the data, which has its own row).
 FLOPs are counted with torch.utils.flop_counter over one training step (forward + backward); MFU is the
-counted FLOP/s over the GPU's dense bf16 peak from the PEAK table ("-" for a CPU or an unknown GPU). Frozen
+achieved FLOP/s (FLOPs per sample x the best samples/s) over this machine's own peak in the row's dtype,
+measured by train.matmul_peak (large square matmuls, best of a few; printed in the header). Frozen
 parts (GR-1's MAE, HPT's ResNet-18 when frozen) run their forward inside the step and count.
 
 With an hpt method, a second table compares HPT's training step on live frames (the frozen ResNet-18 inside the
@@ -27,9 +29,8 @@ import sys
 import time
 
 import torch
-import torch.utils.flop_counter
 
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per GPU (SXM datasheets)
+from train import matmul_peak, train_flops
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,25 +134,6 @@ def step_fn(model, loss_fn, opt, amp, device):
     return step
 
 
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """Each gradient of a convolution (input, weight) costs what its forward does. torch's own formula counts
-    a grouped convolution's weight gradient as if it were dense, `groups` times too many: it made RT-1's
-    depthwise EfficientNet-B3 look 13x costlier than it is."""
-    forward = torch.utils.flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def train_flops(model, loss_fn, b):
-    """FLOPs of one training step's forward and backward (the optimiser's are negligible)."""
-    counter = torch.utils.flop_counter.FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
-    with counter:
-        loss_fn(model, b)[0].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 def samples_per_s(step, b, B, steps, device):
     step(b)  # warm-up (and compilation)
     step(b)
@@ -174,7 +156,7 @@ def bench_method(name, B, steps, quick, device, amp, compiles):
     model.to(device).train()
     b = train.to_device(b, device)
     row = {"method": name, "batch": B, "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    row["flops"] = train_flops(model, loss_fn, b) / B
+    row["flops"] = train_flops(model, loss_fn, b, amp) / B
     opt = train.make_optimizer(model, train.TrainConfig(), device)
     for compiled in compiles:
         if device.type == "cuda":
@@ -187,9 +169,9 @@ def bench_method(name, B, steps, quick, device, amp, compiles):
         row["compiled" if compiled else "eager"] = sps
         if device.type == "cuda" and not compiled:
             row["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    peak = next((v for k, v in PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     best = max((row.get(k) or 0) for k in ("eager", "compiled"))
-    row["mfu"] = row["flops"] * best / peak if peak else None
+    row["flop_s"] = row["flops"] * best
+    row["mfu"] = row["flop_s"] / matmul_peak(device, amp or torch.float32, torch.get_num_threads())
     return row
 
 
@@ -405,6 +387,8 @@ def main(argv=None):
     p.add_argument("--data_before", default=None, help="a checkout whose data.py is the data table's before "
                    "column (git worktree add /tmp/before main)")
     p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
+    p.add_argument("--no_compile", action="store_true", help="eager rows only (compiling the paper models takes "
+                   "most of a 2-core CPU run's 26 minutes)")
     p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
                    help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
     args = p.parse_args(argv)
@@ -417,21 +401,24 @@ def main(argv=None):
         raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    compiles = (False,) if args.quick else (False, True)
+    compiles = (False,) if args.quick or args.no_compile else (False, True)
     steps = args.steps or (10 if device.type == "cuda" else 2)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"bench: {machine} | {'bf16 autocast' if amp else 'fp32'} | torch {torch.__version__} | "
           f"{steps} timed steps per row{' | quick: tiny configurations' if args.quick else ''}")
+    peak = matmul_peak(device, amp or torch.float32, torch.get_num_threads())
+    print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({'bf16' if amp else 'fp32'} {'8192' if device.type == 'cuda' else '2048'}"
+          f"-square matmul, best of 4, {torch.get_num_threads()} torch threads)")
 
     rows = []
     for name in args.methods.split(","):
         B = args.batch or (4 if args.quick else CASES[name][1] if device.type == "cuda" else 2)
         rows.append(bench_method(name, B, steps, args.quick, device, amp, compiles))
     print(f"\n{'method':<10} {'batch':>5} {'params':>12} {'GFLOP/sample':>12} {'samples/s':>10} "
-          f"{'compiled':>9} {'peak GB':>8} {'MFU':>6}")
+          f"{'compiled':>9} {'GFLOP/s':>9} {'peak GB':>8} {'MFU':>6}")
     for r in rows:
         print(f"{r['method']:<10} {r['batch']:>5} {r['params']:>12,} {r['flops'] / 1e9:>12.2f} {fmt(r['eager'], '10.1f')} "
-              f"{fmt(r.get('compiled'), '9.1f')} {fmt(r.get('memory_gb'), '8.1f')} {fmt(r['mfu'], '6.1%')}"
+              f"{fmt(r.get('compiled'), '9.1f')} {r['flop_s'] / 1e9:>9.1f} {fmt(r.get('memory_gb'), '8.1f')} {fmt(r['mfu'], '6.1%')}"
               f"{'  ' + r['note'] if 'note' in r else ''}")
 
     import eval_sim

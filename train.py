@@ -18,7 +18,9 @@ seconds for its peers fails the job, naming itself and the step.
 """
 import argparse
 import contextlib
+import copy
 import datetime
+import functools
 import fcntl
 import json
 import math
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.flop_counter
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -251,6 +254,46 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """Each gradient of a convolution (input, weight) costs what its forward does. torch's own formula counts
+    a grouped convolution's weight gradient as if it were dense, `groups` times too many: it made RT-1's
+    depthwise EfficientNet-B3 look 13x costlier than it is."""
+    forward = torch.utils.flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def train_flops(model, loss_fn, batch, amp=None):
+    """FLOPs of one training step's forward and backward on `batch` (the optimiser's are negligible), counted
+    by torch.utils.flop_counter (matmuls and convolutions). Leaves the model's gradients cleared."""
+    counter = torch.utils.flop_counter.FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+    device_type = next(model.parameters()).device.type
+    with counter, torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss_fn(model, batch)[0].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+@functools.lru_cache
+def matmul_peak(device, dtype=torch.float32, threads=None):
+    """This machine's own peak FLOP/s in `dtype`: the best of a few large square matmuls (n = 2048 on a CPU,
+    with the current torch thread count; 8192 on a GPU). Cached per (device, dtype, threads): about 1 s."""
+    device = torch.device(device)
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.ones(n, n, device=device, dtype=dtype)  # the values do not change the time, and no RNG is drawn
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(4):  # the first is a warm-up that rarely wins
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
 # What "auto" picks on a CPU, per method. bf16: none yet. In a synthetic step (bench.py's batches, interleaved)
 # GC-BC and HPT were 1.3x faster in bf16, but GC-BC's real CPU-default run (bench.py --dtype_check) was 2-6x
 # slower in bf16 twice on the shared 2-core machine (AVX512-BF16), so no method earns it until a quiet
@@ -321,8 +364,11 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         log(f"{method}: {n_params:,} trainable parameters | {world} rank(s) on {device.type} | "
-            f"{amp or torch.float32}{' | channels_last' if use_channels_last(cfg, device, method) else ''} | global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
+            f"{amp or torch.float32}{' | channels_last' if use_channels_last(cfg, device, method) else ''} | "
+            f"global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
             f"steps {start} -> {cfg.steps}")
+    peak = matmul_peak(device, amp or torch.float32, torch.get_num_threads())
+    flops = None  # per sample, counted on the first micro-batch
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True, unit="step")
     t_last, n_logged, sums, step = time.time(), 0, {}, start
     try:
@@ -333,6 +379,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
             model.train()
             for m in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
+                if step == start and m == 0:
+                    flops = count_flops(model, loss_fn, batch, amp, micro, log if rank == 0 else lambda *a: None)
                 sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else net.no_sync()
                 with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, metrics = loss_fn(net, batch)
@@ -354,9 +402,12 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                                              f"the last checkpoint is untouched")
                 row = {"step": done, **row, "lr": lr_at(step, cfg),
                        "samples_per_s": n_logged * cfg.batch_size / (time.time() - t_last)}
+                if flops:  # achieved FLOP/s per device over its own measured peak
+                    row["mfu"] = flops * row["samples_per_s"] / world / peak
                 if rank == 0:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                    sps=f"{row['samples_per_s']:.0f}")
+                                    sps=f"{row['samples_per_s']:.0f}",
+                                    **({"mfu": f"{row['mfu']:.1%}"} if flops else {}))
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                 t_last, n_logged, sums = time.time(), 0, {}
@@ -384,6 +435,19 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     if world > 1:
         dist.destroy_process_group()
     return model
+
+
+def count_flops(model, loss_fn, batch, amp, micro, log):
+    """FLOPs per sample of a training step, counted on a copy of the model (its BatchNorm statistics and
+    gradients stay untouched) with the RNG restored after, so the run is exactly the one without it.
+    None, after one logged line, if the counter cannot run the model."""
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return train_flops(copy.deepcopy(model), loss_fn, batch, amp) / micro
+    except Exception as e:
+        log(f"MFU not shown: counting the FLOPs failed ({one_line(e)})")
+        return None
 
 
 def is_peer_failure(error):

@@ -39,6 +39,9 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
     steps = [json.loads(r)["step"] for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # rows after the checkpoint were dropped and logged again
+    # (counting FLOPs at each start, on a copy with the RNG restored, left both runs bit-exact above)
+    for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines():
+        assert 0 < json.loads(r)["mfu"] <= 1.5, r
     assert (tmp_path / "b" / "loss.png").stat().st_size > 0
 
 
@@ -131,6 +134,27 @@ def test_channels_last_trains_the_same_model(tmp_path):
         rows = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
         losses[flag] = [json.loads(r)["loss"] for r in rows]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_flop_count_of_a_linear_layer_forward_and_backward():
+    model = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    flops = train.train_flops(model, lambda m, b: (m(b).sum(), {}), x)
+    assert flops == 6 * 8 * 4 * 3  # forward, input gradient, weight gradient: 2 B in out each
+    assert model.weight.grad is None
+
+
+def test_matmul_peak_is_measured():
+    peak = train.matmul_peak(torch.device("cpu"), torch.float32, torch.get_num_threads())
+    assert 0 < peak < float("inf")
+
+
+def test_flops_that_cannot_be_counted_are_one_line_and_no_mfu():
+    lines = []
+    def loss_fn(model, batch):
+        raise NotImplementedError("no formula for aten.weird_op")
+    assert train.count_flops(torch.nn.Linear(2, 2), loss_fn, torch.zeros(1, 2), None, 1, lines.append) is None
+    assert lines == ["MFU not shown: counting the FLOPs failed (no formula for aten.weird_op)"]
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
