@@ -1,0 +1,110 @@
+"""Train/deploy parity (issue 17), one test per method.
+
+Forward: a real MetaWorld demonstration (collected by eval_sim into RLDS) is cut into training windows with
+data.py exactly as the method's main() asks for them, and the method's Policy is stepped through the same
+episode's frames handed over as eval_sim hands them (eval_sim.batch: uint8 (N, 3, H, W) at the collected size,
+the state as stored, the instruction string, the goal image). At every step the action the Policy returns must
+equal the model's prediction on that step's training window, un-normalised as the Policy does, to fp32
+tolerance. The frames are the dataset's own (decoded JPEGs at native size) on both sides: what is checked is
+everything between a frame and an action (resize, history, padding, chunking, statistics), not the renderer.
+
+Reverse: a Policy trained to overfit one demonstration replays it in the simulator from its seed and succeeds.
+"""
+import numpy as np
+import pytest
+import torch
+from dataclasses import asdict, replace
+
+import data
+import eval_sim
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
+
+SIZE = 64  # collected frames; every tiny config below trains at 32 px, so the Policy's resize path is exercised
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Two reach-v3 expert demonstrations (seeds 0 and 1) at 64 px: ~8 s, once for this file."""
+    out = tmp_path_factory.mktemp("parity") / "reach"
+    eval_sim.main(["collect", "--tasks", "reach-v3", "--episodes", "2", "--size", str(SIZE), "--out", str(out),
+                   "--workers", "1"])
+    return str(out / "1.0.0")
+
+
+def windows(path, episode=0, **window):
+    """The training windows of every step of one episode, as data.load builds them for main() (sample position
+    0 for each), batched with the DataLoader's collate. Built with cache_frames "off" (the JPEG path) and "on"
+    (the decoded-frame cache): both must give the same tensors."""
+    out = []
+    for mode in ("off", "on"):
+        ds = data.load(path, cache_frames=mode, **window)
+        src = ds.sources[0]
+        steps = range(int(src.start[episode]), int(src.start[episode + 1]))
+        out.append((ds, torch.utils.data.default_collate([ds[(0, i, 0)] for i in steps])))
+    (ds, batch), (_, cached) = out
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, cached[k]), f"cache_frames on vs off: {k} differs"
+    return ds, batch
+
+
+def sim_observations(src, episode=0):
+    """What eval_sim's workers reply for each step of the episode (the reset's "goal" stays in the dict, as in
+    run_task): HWC uint8 frames under the SIM_CAMERAS keys at native size, the 4-d state as stored, and as the
+    goal the episode's last stored frame (see test_gcbc_parity for how eval's goal differs from it)."""
+    hwc = lambda view, i: src.image(view, i).permute(1, 2, 0).numpy()
+    first, end = int(src.start[episode]), int(src.start[episode + 1])
+    goal = hwc("primary", end - 1)
+    return [{"image": hwc("primary", i), "wrist": hwc("wrist", i), "state": np.asarray(src.state[i], np.float32),
+             "goal": goal} for i in range(first, end)]
+
+
+def rollout(policy, steps, instruction):
+    """reset, then act on every step's observation as eval_sim.run_task does -> (T, 7) actions."""
+    policy.reset(1)
+    return np.concatenate([eval_sim.check_actions(eval_sim.act(policy, eval_sim.batch([o], policy), [instruction]),
+                                                  1, "parity") for o in steps])
+
+
+def close(actual, expected):
+    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected).float(), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward parity
+
+def test_rt1_parity(demos):
+    import rt1
+    from tests.test_rt1 import TINY, tiny
+    # main: data.load(path, split, keys, calvin_all_frames, history=cfg.history, image_size=cfg.image_size)
+    ds, batch = windows(demos, history=TINY.history, image_size=TINY.image_size)
+    model = tiny(TINY, ds.instructions).eval()  # BatchNorm statistics of one batch (eval mode: token reuse holds)
+    tokenizer = rt1.ActionTokenizer(ds.stats, TINY.bins)
+    with torch.no_grad():
+        logits = model(batch["image_primary"], batch["instruction"])[:, -1]  # (L, A, bins) at the window's last step
+    expected = tokenizer.decode(logits.argmax(-1), batch["dataset_id"])[:, :7]
+    policy = rt1.Policy(model, tokenizer, rt1.metaworld_source(ds.stats))
+    actions = rollout(policy, sim_observations(ds.sources[0]), batch["instruction"][0])
+    close(actions, expected)
+
+
+def test_gcbc_parity(demos):
+    import gcbc
+    from tests.test_gcbc import TINY
+    # main: goal_last=8 (goal relabelling: uniform among the episode's last 8 frames, an augmentation) and
+    # interpolation="bicubic". Eval has one goal, the expert's final frame, so the comparable training window is
+    # goal_last=1: the episode's last stored frame. Designed difference: eval_sim's goal is rendered after the
+    # expert's successful step, one step later than the last frame the RLDS episode stores (collect keeps the
+    # observation before each action); here the Policy is given the stored frame, the same pixels.
+    cfg = gcbc.Config(**TINY, augment=False)
+    ds, batch = windows(demos, image_size=cfg.image_size, goal_last=1, seed=0, interpolation="bicubic")
+    torch.manual_seed(0)
+    model = gcbc.GCBC(cfg).eval()
+    norm = gcbc.ActionNorm(ds.stats)
+    with torch.no_grad():
+        mu = model(batch["image_primary"][:, -1], batch["goal_image_primary"])  # as loss() calls it
+    expected = norm.decode(mu, batch["dataset_id"])
+    actions = rollout(gcbc.Policy(model, ds.stats), sim_observations(ds.sources[0]), batch["instruction"][0])
+    close(actions, expected)
