@@ -108,3 +108,102 @@ def test_gcbc_parity(demos):
     expected = norm.decode(mu, batch["dataset_id"])
     actions = rollout(gcbc.Policy(model, ds.stats), sim_observations(ds.sources[0]), batch["instruction"][0])
     close(actions, expected)
+
+
+def test_hpt_parity(demos):
+    import hpt
+    from tests.test_hpt import TINY
+    # main: history, chunk, image_size, views=cfg.views, missing_views="zeros", seed; the stems of one embodiment
+    # per source (embodiments_of). The Policy executes the first action of every chunk: chunk[:, 0].
+    ds, batch = windows(demos, history=TINY.history, chunk=TINY.chunk, image_size=TINY.image_size, views=TINY.views,
+                        missing_views="zeros", seed=0)
+    torch.manual_seed(0)
+    model = hpt.HPT(TINY, hpt.embodiments_of(ds, TINY.views)).eval()
+    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim), "action": hpt.Limits(ds.stats, "action", model.action_dim)}
+    ids = batch["dataset_id"]
+    with torch.no_grad():  # as loss() calls the model
+        images = torch.stack([batch[f"image_{v}"] for v in TINY.views], 2)  # (L, T, V, 3, H, W)
+        chunk = model(images, norm["state"].normalize(batch["state"], ids), batch["obs_pad"], ids)  # (L, K, A)
+    expected = norm["action"].unnormalize(chunk[:, 0].float(), ids)[:, :7]
+    policy = hpt.Policy(model, ds.stats, hpt.metaworld_source(ds.stats))
+    actions = rollout(policy, sim_observations(ds.sources[0]), batch["instruction"][0])
+    close(actions[:, :expected.shape[1]], expected)
+    assert (actions[:, expected.shape[1]:] == 0).all()
+
+
+def gr1_model(ds, cfg):
+    import gr1
+    torch.manual_seed(0)
+    return gr1.GR1(cfg, ds.instructions, None).eval()  # main: a learned embedding per instruction (no CLIP, none in data)
+
+
+def gr1_windows(demos, cfg):
+    # main: history, chunk=cfg.chunk_size, image_size, views=("primary", "wrist"), future=cfg.future, seed,
+    # interpolation="bicubic_float" (GR1-Training's resize; Policy._image resizes so)
+    return windows(demos, history=cfg.history, chunk=cfg.chunk_size, image_size=cfg.image_size,
+                   views=("primary", "wrist"), future=cfg.future, seed=0, interpolation="bicubic_float")
+
+
+def gr1_predict(model, batch, inputs):
+    """The arm and gripper chunk at each window's newest valid step, as loss() computes them (left-aligned)."""
+    import gr1
+    valid, b = gr1.left_align(batch)
+    arm, gripper = inputs.state(b["state"], b["dataset_id"])
+    with torch.no_grad():
+        pred_arm, pred_gripper, _, _ = model(b["image_primary"], b["image_wrist"], arm, gripper, b["instruction"], valid)
+    last = valid.sum(1) - 1  # (L,) the window's step t after left alignment
+    rows = torch.arange(len(last))
+    return pred_arm[rows, last], pred_gripper[rows, last]  # (L, K, 6), (L, K)
+
+
+def test_gr1_parity(demos):
+    import gr1
+    from tests.test_gr1 import TINY
+    cfg = replace(TINY, test_chunk_size=1)  # the default: predict at every step, execute the chunk's first action
+    ds, batch = gr1_windows(demos, cfg)
+    model, inputs = gr1_model(ds, cfg), gr1.Inputs(ds.stats)
+    arm, gripper = gr1_predict(model, batch, inputs)
+    ids = batch["dataset_id"]
+    expected = torch.cat([inputs.arm_action(arm[:, 0].float(), ids), (gripper[:, :1].float() > 0).float()], -1)
+    actions = rollout(gr1.Policy(model, ds.stats), sim_observations(ds.sources[0]), batch["instruction"][0])
+    close(actions, expected)
+
+
+def test_gr1_chunk_execution(demos):
+    """test_chunk_size = k > 1: the Policy predicts at steps 0, k, 2k, ... and executes k actions of each chunk;
+    the frames in between never enter its window (official evaluation), so only the first prediction has a
+    training window (the episode's first, one valid step): its k actions are the first k the Policy executes."""
+    import gr1
+    from tests.test_gr1 import TINY
+    cfg = replace(TINY, test_chunk_size=TINY.chunk_size)
+    k = cfg.test_chunk_size
+    ds, batch = gr1_windows(demos, cfg)
+    model, inputs = gr1_model(ds, cfg), gr1.Inputs(ds.stats)
+    arm, gripper = gr1_predict(model, batch, inputs)
+    ids = batch["dataset_id"][:1]
+    expected = torch.cat([inputs.arm_action(arm[0, :k, None].float(), ids)[:, 0],
+                          (gripper[0, :k, None].float() > 0).float()], -1)  # (k, 7)
+    actions = rollout(gr1.Policy(model, ds.stats), sim_observations(ds.sources[0]), batch["instruction"][0])
+    close(actions[:k], expected)
+
+
+def test_mcr_parity(demos, tmp_path):
+    import mcr
+    from tests.test_mcr import TINY
+    # mcr's policy is the downstream BC MLP on the frozen encoder: downstream() computes each demonstration
+    # frame's features from data.Source.image (native size, resized by BCPolicy.features) with its state; no
+    # data.load windows (one frame, no history).
+    cfg = mcr.Config(**TINY)
+    dcfg = mcr.Downstream(tasks="reach-v3", demos=2, bc_hidden=(16,), bc_steps=2, bc_batch=4, eval_episodes=0)
+    torch.manual_seed(0)
+    model, _ = mcr.downstream(mcr.resnet(18), "random", demos, cfg, dcfg, str(tmp_path), log=lambda *a: None)
+    model = model.eval()
+    src = data.Source(data.prepare(demos))
+    steps = np.arange(int(src.start[0]), int(src.start[1]))
+    with torch.no_grad():
+        features = model.features(torch.stack([src.image("primary", int(i)) for i in steps]))  # as downstream()
+        state = torch.from_numpy(src.state[steps].copy())
+        expected = model.head(features, state) * model.action_std + model.action_mean
+    policy = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))[0]  # the checkpoint, as eval_sim loads it
+    actions = rollout(policy, sim_observations(src), src.instructions[src.instruction[0]])
+    close(actions, expected)
