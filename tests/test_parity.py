@@ -207,3 +207,52 @@ def test_mcr_parity(demos, tmp_path):
     policy = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))[0]  # the checkpoint, as eval_sim loads it
     actions = rollout(policy, sim_observations(src), src.instructions[src.instruction[0]])
     close(actions, expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reverse: overfit one demonstration, replay it in the simulator from its seed
+
+class _Bar:  # run_task's progress bar
+    def update(self, n):
+        pass
+
+
+@pytest.fixture(scope="module")
+def one_demo(tmp_path_factory):
+    """One reach-v3 expert demonstration at 64 px and the seed it was collected from."""
+    out = tmp_path_factory.mktemp("parity") / "one"
+    eval_sim.main(["collect", "--tasks", "reach-v3", "--episodes", "1", "--size", str(SIZE), "--out", str(out),
+                   "--workers", "1"])
+    path, seed = str(out / "1.0.0"), eval_sim.demo_seed(0, 0, 1)  # the first try (the expert succeeds on ~99%)
+    env = eval_sim.make_env("reach-v3")  # no renderer in the test process: the expert's first action from the seed
+    env.seed(seed)
+    state, _ = env.reset()
+    first = eval_sim.to_standard_action(np.clip(eval_sim.ENV_POLICY_MAP["reach-v3"]().get_action(state), -1, 1))
+    env.close()
+    src = data.Source(data.prepare(path))
+    assert np.allclose(src.action[0][:7], first, atol=1e-5), f"demonstration 0 was not collected from seed {seed}"
+    return path, seed
+
+
+def replay(policy, seed):
+    """One evaluation episode of reach-v3 from `seed` through eval_sim.run_task -> success."""
+    workers = eval_sim.Workers(1, SIZE)
+    try:
+        success, _ = eval_sim.run_task(workers, policy, "reach-v3", [seed], "parity", _Bar(), video=False)
+    finally:
+        workers.close()
+    return bool(success[0])
+
+
+def test_mcr_overfit_demo_replays(one_demo, tmp_path):
+    # ~15 s: 500 Adam steps of the BC MLP on one demonstration's frozen features (z-scored action MSE ~1e-4),
+    # then one closed-loop episode from the demonstration's seed, on rendered (not JPEG) frames.
+    import mcr
+    from tests.test_mcr import TINY
+    path, seed = one_demo
+    dcfg = mcr.Downstream(tasks="reach-v3", demos=1, bc_hidden=(256, 256), bc_steps=500, bc_batch=32, bc_lr=1e-3,
+                          eval_episodes=0)
+    torch.manual_seed(0)
+    mcr.downstream(mcr.resnet(18), "random", path, mcr.Config(**TINY), dcfg, str(tmp_path), log=lambda *a: None)
+    policy = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))[0]
+    assert replay(policy, seed)
