@@ -7,6 +7,8 @@
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
+    python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
+    python bench.py --dtype_check 60       # each method's real CPU-default run, fp32 vs bf16: loss and samples/s
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
 and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
@@ -372,6 +374,73 @@ def dtype_check(methods, steps, dtypes=("fp32", "bf16")):
     return rows
 
 
+
+def cpu_default_cases():
+    """name -> (model, loss_fn, batch) at each method's CPU-default configuration and batch (synthetic batch)."""
+    import gcbc
+    import gr1
+    import hpt
+    import mcr
+    import rt1
+    s = [stats(7, 7)]
+
+    def rt1_cpu():
+        cfg = rt1.Config(image_size=64)
+        tokenizer = rt1.ActionTokenizer(s, cfg.bins)
+        return rt1.RT1(cfg, ["pick up the block"]), lambda m, b: rt1.loss(m, b, tokenizer), batch(8, cfg.history, size=64)
+
+    def gcbc_cpu():
+        norm = gcbc.ActionNorm(s)
+        return (gcbc.GCBC(gcbc.Config(image_size=gcbc.CPU_SIZE)), lambda m, b: gcbc.loss(m, b, norm),
+                batch(gcbc.CPU_BATCH, size=gcbc.CPU_SIZE, goal=True))
+
+    def hpt_cpu():
+        cfg = hpt.Config(image_size=128)
+        norm = {k: hpt.Limits(s, k, 7) for k in ("state", "action")}
+        model = hpt.HPT(cfg, [{"name": "bench", "state_dim": 7, "action_dim": 7, "views": [0]}])
+        return model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]), batch(hpt.CPU_BATCH, cfg.history, cfg.chunk, 128)
+
+    def gr1_cpu():
+        cfg, inputs = gr1.Config(**gr1.CPU), gr1.Inputs(s)
+        return (gr1.GR1(cfg, ["pick up the block"]), lambda m, b: gr1.loss(m, b, inputs, cfg),
+                batch(16, cfg.history, cfg.chunk_size, cfg.image_size, views=("primary", "wrist"), future=True))
+
+    def mcr_cpu():
+        cfg, B, g = mcr.Config(image_size=mcr.CPU_SIZE), mcr.CPU_BATCH, torch.Generator().manual_seed(0)
+        b = {"images": torch.randint(0, 256, (B, 5, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g),
+             "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g), "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
+        return mcr.MCR(cfg), lambda m, x: mcr.loss(m, x, cfg), b
+    return {"rt1": rt1_cpu, "gcbc": gcbc_cpu, "hpt": hpt_cpu, "gr1": gr1_cpu, "mcr": mcr_cpu}
+
+
+def levers(methods, rounds):
+    """Samples/s of each method's CPU-default training step (synthetic batch) in fp32, bf16 autocast, and each
+    with channels_last weights, interleaved round by round (best of `rounds` after a warm-up round)."""
+    import train
+    cpu = torch.device("cpu")
+    variants = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp32+NHWC": (None, True),
+                "bf16+NHWC": (torch.bfloat16, True)}
+    print(f"{'method':<6} {'batch':>5} " + " ".join(f"{v:>10}" for v in variants) + "   samples/s, best of "
+          f"{rounds}; CPU default configuration, {torch.get_num_threads()} torch threads")
+    for name, case in cpu_default_cases().items():
+        if name not in methods:
+            continue
+        torch.manual_seed(0)
+        model, loss_fn, b = case()
+        model.train()
+        opt = train.make_optimizer(model, train.TrainConfig(), cpu)
+        B = len(b["action"] if "action" in b else b["actions"])
+        seconds = {v: [] for v in variants}
+        for _ in range(1 + rounds):
+            for v, (amp, nhwc) in variants.items():
+                model.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+                step = step_fn(model, loss_fn, opt, amp, cpu)
+                start = time.perf_counter()
+                step(b)
+                seconds[v].append(time.perf_counter() - start)
+        print(f"{name:<6} {B:>5} " + " ".join(f"{B / min(t[1:]):>10.1f}" for t in seconds.values()), flush=True)
+
+
 def fmt(x, spec):  # spec like "10.1f": a right-aligned "-" of the same width for a missing value
     return f"{'-':>{int(spec.split('.')[0])}}" if x is None else format(x, spec)
 
@@ -389,9 +458,13 @@ def main(argv=None):
     p.add_argument("--no_eval", action="store_true", help="skip the eval_sim row")
     p.add_argument("--no_compile", action="store_true", help="eager rows only (compiling the paper models takes "
                    "most of a 2-core CPU run's 26 minutes)")
+    p.add_argument("--levers", type=int, nargs="?", const=3, metavar="ROUNDS",
+                   help="each method's CPU-default step in fp32 / bf16, with and without channels_last (best of 3)")
     p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
                    help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
     args = p.parse_args(argv)
+    if args.levers:
+        return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
     if args.dtype_check:
         methods = [m for m in args.methods.split(",") if m in METHOD_FILES] if "--methods" in (argv or sys.argv) \
             else list(METHOD_FILES)

@@ -294,13 +294,13 @@ def matmul_peak(device, dtype=torch.float32, threads=None):
     return 2 * n ** 3 / best
 
 
-# What "auto" picks on a CPU, per method. bf16: none yet. In a synthetic step (bench.py's batches, interleaved)
-# GC-BC and HPT were 1.3x faster in bf16, but GC-BC's real CPU-default run (bench.py --dtype_check) was 2-6x
-# slower in bf16 twice on the shared 2-core machine (AVX512-BF16), so no method earns it until a quiet
-# measurement says otherwise; --dtype bf16 asks for it. NHWC: 1.1-1.2x faster in the synthetic step for RT-1,
-# HPT, GR-1 and MCR, 0.8x for GC-BC (docs/benchmarks.md, "CPU levers").
-CPU_BF16 = frozenset()
-CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "gr1", "mcr"})
+# What "auto" picks on a CPU, per method: the faster of fp32 / bf16 / NHWC in each method's CPU-default step,
+# `python bench.py --levers` on the idle 2-core machine (AVX512-BF16), samples/s fp32 -> chosen: RT-1 3.8 ->
+# 5.4 (bf16 + NHWC), GC-BC 62.4 -> 94.9 (bf16; NHWC is slower for its GroupNorm ResNet), HPT 58.8 -> 65.5
+# (NHWC; bf16 is slower), GR-1 37.4 (neither helps), MCR 8.7 -> 17.4 (bf16 + NHWC); bf16 only where
+# `python bench.py --dtype_check` found the same loss as fp32 (docs/benchmarks.md, "CPU levers").
+CPU_BF16 = frozenset({"rt1", "gcbc", "mcr"})
+CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "mcr"})
 
 
 def bf16_native(device):

@@ -43,3 +43,10 @@ def test_flop_count_of_a_depthwise_convolution_is_not_counted_as_dense():
     flops = train.train_flops(conv, lambda m, b: (m(b).sum(), {}), x)
     forward = 2 * 2 * 16 * 9 * 8 * 8  # 2 B C k^2 H W: one 3x3 filter per channel
     assert flops == 3 * forward  # forward, input gradient, weight gradient (torch's own formula counts 18 forwards)
+
+
+def test_levers_times_a_cpu_default_step_in_each_dtype_and_memory_format(capsys):
+    """~10 s: GC-BC's real CPU-default step (batch 32 at 64 px), 4 variants x 2 rounds."""
+    bench.levers(["gcbc"], rounds=1)
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["gcbc", "32"] and all(float(x) > 0 for x in row[2:6])
