@@ -605,8 +605,10 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
         pool.close()
     seconds = time.time() - start
     rates = {task: float(np.mean(s)) for task, s in per_task.items()}
+    wins = int(sum(map(sum, per_task.values())))
     results = {"method": method, "episodes": episodes, "seeds": [seeds[0], seeds[-1]], "success": rates,
-               "mean": float(np.mean(list(rates.values()))), "per_episode": per_task, "seconds": round(seconds, 1),
+               "mean": float(np.mean(list(rates.values()))), "successes": wins, "total": len(tasks) * episodes,
+               "interval": wilson(wins, len(tasks) * episodes), "per_episode": per_task, "seconds": round(seconds, 1),
                "episodes_per_minute": round(60 * len(tasks) * episodes / seconds, 1)}
     print_table(results)
     if out_dir:
@@ -615,12 +617,24 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
     return results
 
 
+def wilson(successes, n, z=1.96):
+    """The 95% Wilson score interval [low, high] of a success rate from n episodes (Wilson 1927): unlike
+    p +- z * sqrt(p(1 - p) / n) it stays inside [0, 1] and is not empty at 0 or n successes."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    center, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float((center - half) / (1 + z * z / n)), float((center + half) / (1 + z * z / n))]
+
+
 def print_table(results):
     width = max(len(t) for t in results["success"]) + 2
     print(f"\n{'task':<{width}}success ({results['episodes']} episodes each, {results['method']})")
     for task, rate in results["success"].items():
         print(f"{task:<{width}}{100 * rate:6.1f}%")
-    print(f"{'mean':<{width}}{100 * results['mean']:6.1f}%   ({results['episodes_per_minute']} episodes/min)")
+    low, high = results["interval"]
+    print(f"{'mean':<{width}}{100 * results['mean']:6.1f}%   ({results['successes']}/{results['total']}, 95% Wilson "
+          f"interval {100 * low:.1f}-{100 * high:.1f}%; {results['episodes_per_minute']} episodes/min)")
 
 
 # ---------------------------------------------------------------------------------------------------

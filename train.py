@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
+    keep_every: int = 0        # also keep the weights every N steps as ckpt_<step>.pt (learning curves); 0: none
     resume: bool = True        # continue out_dir/ckpt.pt if it exists (--no-resume starts afresh)
     find_unused: bool = False  # DDP: some parameters get no gradient in a step (e.g. per-dataset heads)
     dist_timeout: int = 600    # seconds a rank waits for the others before the job fails (gloo's default: 1800)
@@ -348,9 +349,9 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     if use_channels_last(cfg, device, method):  # NHWC weights make every convolution compute in NHWC
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, device)
-    start = 0
+    start, seconds = 0, 0.0  # seconds: training time before this process, from the checkpoint
     if cfg.resume and ckpt_path.exists():
-        start = resume(ckpt_path, model, opt, method, config, cfg, log if rank == 0 else lambda *a: None)
+        start, seconds = resume(ckpt_path, model, opt, method, config, cfg, log if rank == 0 else lambda *a: None)
     if rank == 0:
         (out / "stats.json").write_text(json.dumps(dataset.stats, indent=1))
         _trim_log(out / "metrics.jsonl", start, log)
@@ -371,6 +372,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     flops = None  # per sample, counted on the first micro-batch
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True, unit="step")
     t_last, n_logged, sums, step = time.time(), 0, {}, start
+    t_start = t_last - seconds
     try:
         for step in range(start, cfg.steps):
             torch.manual_seed(step_seed(cfg.seed, rank, step))
@@ -395,6 +397,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
             bar.update(1)
             done, n_logged = step + 1, n_logged + 1
             last, save = done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
+            keep = cfg.keep_every > 0 and (done % cfg.keep_every == 0 or last)
             if done % cfg.log_every == 0 or save:
                 row = _log_row(sums, n_logged, world, device)
                 if not math.isfinite(row["loss"]):
@@ -411,13 +414,16 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
                 t_last, n_logged, sums = time.time(), 0, {}
-            if save:
+            if save or keep:
                 if rank == 0:
-                    save_checkpoint(ckpt_path, {
-                        "method": method, "config": config, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "step": done, "stats": dataset.stats,
-                        "instructions": dataset.instructions, "train_config": asdict(cfg),
-                        "amp_dtype": "bf16" if amp == torch.bfloat16 else "fp32"})  # resolved: eval runs in it
+                    ckpt = {"method": method, "config": config, "model": model.state_dict(), "step": done,
+                            "stats": dataset.stats, "instructions": dataset.instructions, "train_config": asdict(cfg),
+                            "amp_dtype": "bf16" if amp == torch.bfloat16 else "fp32",  # resolved: eval runs in it
+                            "train_seconds": time.time() - t_start}  # wall time of the steps, over resumes
+                    if keep:  # weights only: for evaluation, not for resuming
+                        save_checkpoint(out / f"ckpt_{done}.pt", ckpt)
+                    if save:
+                        save_checkpoint(ckpt_path, {**ckpt, "optimizer": opt.state_dict()})
                 if world > 1:
                     dist.barrier()
             if last and rank == 0:
@@ -502,11 +508,12 @@ def run_folder(out, log=print):
 
 
 # settings that do not change what a run computes: a resumed run may differ in them without a word
-BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "compile", "channels_last", "find_unused", "dist_timeout"}
+BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "keep_every", "compile", "channels_last", "find_unused", "dist_timeout"}
 
 
 def resume(path, model, opt, method, config, cfg, log):
-    """Load the model and optimiser state of checkpoint `path` -> the step to continue from. Weights that
+    """Load the model and optimiser state of checkpoint `path` -> (the step to continue from, the training
+    seconds spent before it). Weights that
     do not fit the model these settings build are an error naming the settings that differ from the
     checkpoint's; other differences (dropout, lr, ...) are a warning, and the run goes on with the new
     values, which its next checkpoint records."""
@@ -536,7 +543,7 @@ def resume(path, model, opt, method, config, cfg, log):
     if changed:
         log(f"{method}: WARNING: these settings differ from the checkpoint's: {'; '.join(changed)}. The run goes on "
             f"with the new values (the first of each pair), and its next checkpoint records them")
-    return ckpt["step"]
+    return ckpt["step"], float(ckpt.get("train_seconds", 0.0))
 
 
 def differences(new, old, skip=()):

@@ -147,6 +147,14 @@ def test_bad_actions_are_rejected_naming_the_method():
             eval_sim.check_actions(bad, 3, "rt1")
 
 
+def test_wilson_interval_matches_the_closed_form_and_stays_in_bounds():
+    # Wilson (1927), 95%, z = 1.96: 13/30 -> 27.4-60.8% (by hand: (p + z²/2n -+ z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n))
+    np.testing.assert_allclose(eval_sim.wilson(13, 30), [0.27377, 0.60803], atol=1e-5)
+    low, high = eval_sim.wilson(0, 200)
+    assert low == 0.0 and 0.018 < high < 0.019  # not empty at 0 successes: the "rule of three" is 1.5%
+    assert eval_sim.wilson(200, 200)[1] == 1.0 and eval_sim.wilson(0, 0) == [0.0, 1.0]
+
+
 # --- simulation: worker processes, MuJoCo physics and EGL rendering --------------------------------------
 
 def test_expert_succeeds_through_the_standard_action_path(tmp_path):
@@ -156,6 +164,7 @@ def test_expert_succeeds_through_the_standard_action_path(tmp_path):
                                 method="expert", size=64)
     assert results["success"] == {"reach-v3": 1.0, "button-press-topdown-v3": 1.0} and results["mean"] == 1.0
     assert results["seeds"] == [eval_sim.EVAL_SEED, eval_sim.EVAL_SEED + 2]
+    assert (results["successes"], results["total"]) == (6, 6) and results["interval"][1] == 1.0
     assert json.loads((out / "results.json").read_text())["success"] == results["success"]
     from PIL import Image
     gif = Image.open(out / "reach-v3.gif")
