@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500
-    keep_every: int = 0        # also keep the weights every N steps as ckpt_<step>.pt (learning curves); 0: none
+    keep: int = 0              # also keep N evenly spaced weights-only snapshots ckpt_<step>.pt, the last included
     resume: bool = True        # continue out_dir/ckpt.pt if it exists (--no-resume starts afresh)
     find_unused: bool = False  # DDP: some parameters get no gradient in a step (e.g. per-dataset heads)
     dist_timeout: int = 600    # seconds a rank waits for the others before the job fails (gloo's default: 1800)
@@ -397,7 +397,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
             bar.update(1)
             done, n_logged = step + 1, n_logged + 1
             last, save = done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
-            keep = cfg.keep_every > 0 and (done % cfg.keep_every == 0 or last)
+            keep = any(done == round(cfg.steps * i / cfg.keep) for i in range(1, cfg.keep + 1))
             if done % cfg.log_every == 0 or save:
                 row = _log_row(sums, n_logged, world, device)
                 if not math.isfinite(row["loss"]):
@@ -508,7 +508,8 @@ def run_folder(out, log=print):
 
 
 # settings that do not change what a run computes: a resumed run may differ in them without a word
-BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "keep_every", "compile", "channels_last", "find_unused", "dist_timeout"}
+BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "keep", "compile", "channels_last",
+               "find_unused", "dist_timeout"}
 
 
 def resume(path, model, opt, method, config, cfg, log):

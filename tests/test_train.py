@@ -48,15 +48,15 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 @bridge
 def test_kept_snapshots_hold_each_steps_weights_and_the_training_time_over_a_resume(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        tiny_job.run(tmp_path, steps=10, keep_every=4, crash_at=7)  # dies during step 8: ckpt.pt at 5, kept 4
-    model = tiny_job.run(tmp_path, steps=10, keep_every=4)  # resumes at 5
+        tiny_job.run(tmp_path, steps=10, keep=3, crash_at=7)  # dies during step 8: ckpt.pt at 5, kept 3
+    model = tiny_job.run(tmp_path, steps=10, keep=3)  # resumes at 5
     kept = {p.name: train.load_checkpoint(p) for p in sorted(tmp_path.glob("ckpt_*.pt"))}
-    assert sorted(kept) == ["ckpt_10.pt", "ckpt_4.pt", "ckpt_8.pt"]  # every 4th step and the last
+    assert sorted(kept) == ["ckpt_10.pt", "ckpt_3.pt", "ckpt_7.pt"]  # 10/3, 20/3 and 10 steps, rounded
     assert all("optimizer" not in c for c in kept.values())  # for evaluation: weights only
     for k, v in model.state_dict().items():
         assert torch.equal(kept["ckpt_10.pt"]["model"][k], v), k
     final = train.load_checkpoint(tmp_path / "ckpt.pt")
-    seconds = [kept[f"ckpt_{s}.pt"]["train_seconds"] for s in (4, 8, 10)]
+    seconds = [kept[f"ckpt_{s}.pt"]["train_seconds"] for s in (3, 7, 10)]
     assert 0 < seconds[0] < seconds[1] < seconds[2] == final["train_seconds"]  # time carries over the resume
 
 
