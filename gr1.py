@@ -301,9 +301,9 @@ class GPT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, positions=None):  # positions (L,): each token's index in the flat sequence
         if self.wpe is not None:
-            x = x + self.wpe.weight[:x.shape[1]]
+            x = x + (self.wpe.weight[:x.shape[1]] if positions is None else self.wpe(positions))
         x = F.dropout(x, self.dropout, self.training)
         for block in self.h:
             x = block(x, mask)
@@ -431,19 +431,42 @@ class GR1(nn.Module):
         """obs_tokens (B, T, 21, d), instruction (B strings or (B, lang_dim) features), valid (B, T) bool with
         the valid steps first -> arm (B, T, K, 6), gripper logits (B, T, K), static and hand patches."""
         B, T = obs_tokens.shape[:2]
-        K, d = self.cfg.chunk_size, self.cfg.d_model
-        time = self.embed_timestep.weight[:T, None]  # (T, 1, d): relative step in the window
-        lang = self.embed_lang(self.language(instruction))[:, None, None].expand(B, T, 1, d)
-        obs = torch.cat([lang, obs_tokens], 2) + time  # (B, T, 22, d)
-        queries = self.queries().expand(B, T, -1, -1)  # (B, T, K + 20, d): no timestep embedding (official)
+        K = self.cfg.chunk_size
+        obs, queries = self.sequence(obs_tokens, instruction)  # (B, T, 22, d), (B, T, K + 20, d)
         x = self.embed_ln(torch.cat([obs, queries], 2).flatten(1, 2))  # (B, T * (22 + K + 20), d)
         x = self.transformer(x, attention_mask(valid, obs.shape[2], queries.shape[2]))
         x = x.unflatten(1, (T, -1))[:, :, obs.shape[2]:]  # the query outputs (B, T, K + 20, d)
         act, o, o_hand = x[:, :, :K], x[:, :, K:K + self.cfg.latents + 1], x[:, :, K + self.cfg.latents + 1:]
+        return (*self.action_head(act),  # (B, T, K, 6), (B, T, K)
+                self.decode(o), self.decode(o_hand))  # (B, T, P, p*p*3) x 2
+
+    def predict_last_actions(self, obs_tokens, instruction):
+        """What the Policy needs, faster: predict()'s arm and gripper of the last step of a window of valid
+        steps, (B, K, 6) and (B, K). No token attends to a query token, so only the observation tokens and
+        the last step's [ACT] queries go through the GPT, each at its position in predict's flat sequence
+        (GR-Chunk's position table) and with predict's mask: the same actions (tested), ~2x less work."""
+        B, T = obs_tokens.shape[:2]
+        K = self.cfg.chunk_size
+        obs, queries = self.sequence(obs_tokens, instruction)
+        n_obs, N = obs.shape[2], obs.shape[2] + queries.shape[2]
+        index = torch.arange(T * N, device=obs.device).view(T, N)
+        keep = torch.cat([index[:, :n_obs].flatten(), index[-1, n_obs:n_obs + K]])  # (T * 22 + K,)
+        x = self.embed_ln(torch.cat([obs.flatten(1, 2), queries[:, -1, :K]], 1))  # (B, T * 22 + K, d)
+        valid = torch.ones(B, T, dtype=torch.bool, device=obs.device)
+        mask = attention_mask(valid, n_obs, N - n_obs)[:, :, keep][:, :, :, keep]
+        return self.action_head(self.transformer(x, mask, keep)[:, -K:])
+
+    def sequence(self, obs_tokens, instruction):  # -> per step: [lang, obs tokens] + time (B, T, 22, d), queries
+        B, T = obs_tokens.shape[:2]
+        time = self.embed_timestep.weight[:T, None]  # (T, 1, d): relative step in the window
+        lang = self.embed_lang(self.language(instruction))[:, None, None].expand(B, T, 1, self.cfg.d_model)
+        queries = self.queries().expand(B, T, -1, -1)  # (B, T, K + 20, d): no timestep embedding (official)
+        return torch.cat([lang, obs_tokens], 2) + time, queries
+
+    def action_head(self, act):  # [ACT] outputs (..., K, d) -> arm (..., K, 6), gripper logits (..., K)
         for layer in self.pred_act_mlps:
             act = layer(act)
-        return (self.pred_arm_act(act), self.pred_gripper_act(act)[..., 0],  # (B, T, K, 6), (B, T, K)
-                self.decode(o), self.decode(o_hand))  # (B, T, P, p*p*3) x 2
+        return self.pred_arm_act(act), self.pred_gripper_act(act)[..., 0]
 
     def forward(self, rgb, hand_rgb, arm, gripper, instruction, valid):  # rgb, hand_rgb uint8 (B, T, 3, H, W)
         return self.predict(self.observation_tokens(rgb, hand_rgb, arm, gripper), instruction, valid)
@@ -781,11 +804,10 @@ class Policy:
         if self.tokens is not None:
             tokens = torch.cat([self.tokens, tokens], 1)[:, -self.model.cfg.history:]  # the last T frames
         self.tokens = tokens
-        valid = torch.ones(self.tokens.shape[:2], dtype=torch.bool, device=self.device)
-        pred_arm, pred_gripper, _, _ = self.model.predict(self.tokens, self.language(instructions), valid)
+        pred_arm, pred_gripper = self.model.predict_last_actions(self.tokens, self.language(instructions))
         n = max(1, min(self.model.cfg.test_chunk_size, self.model.cfg.chunk_size))
-        arm = self.inputs.arm_action(pred_arm[:, -1, :n].float().cpu().transpose(0, 1), ids)  # (n, N, 6)
-        grip = (pred_gripper[:, -1, :n].float().cpu().t() > 0).float()  # (n, N): 1 open
+        arm = self.inputs.arm_action(pred_arm[:, :n].float().cpu().transpose(0, 1), ids)  # (n, N, 6)
+        grip = (pred_gripper[:, :n].float().cpu().t() > 0).float()  # (n, N): 1 open
         actions = torch.cat([arm, grip[..., None]], -1).numpy().astype(np.float32)  # (n, N, 7)
         self.pending = list(actions[1:])
         return actions[0]

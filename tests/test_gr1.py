@@ -116,6 +116,28 @@ def test_later_steps_and_padded_steps_do_not_change_earlier_outputs():
     assert not torch.allclose(a[0][:, 2], b[0][:, 2])
 
 
+@pytest.mark.parametrize("variant", ["gr-chunk", "gr-1"])
+def test_the_policys_shortcut_predicts_the_same_last_actions(variant):
+    # only the observation tokens and the last [ACT] queries, at their own positions of the position table
+    cfg = TINY if variant == "gr-chunk" else replace(TINY, variant="gr-1", chunk_size=1)
+    model = tiny(cfg).eval()
+    with torch.no_grad():
+        if model.transformer.wpe is not None:  # a table far from N(0, 0.02): a token at a wrong position shows
+            model.transformer.wpe.weight.normal_(std=1.0)
+        rgb, hand, arm, gripper, text = inputs()
+        for T in (1, 3):  # an episode's first step, a full window
+            tokens = model.observation_tokens(rgb[:, :T], hand[:, :T], arm[:, :T], gripper[:, :T])
+            full = model.predict(tokens, text, torch.ones(2, T, dtype=torch.bool))
+            short = model.predict_last_actions(tokens, text)
+            torch.testing.assert_close(short[0], full[0][:, -1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(short[1], full[1][:, -1], rtol=0, atol=1e-5)
+            shifted = model.transformer(torch.zeros(2, 4, cfg.d_model), torch.ones(2, 1, 4, 4, dtype=torch.bool),
+                                        torch.arange(1, 5))
+            if variant == "gr-chunk":  # the positions are used: another slice of the table, another output
+                assert not torch.allclose(shifted, model.transformer(torch.zeros(2, 4, cfg.d_model),
+                                                                     torch.ones(2, 1, 4, 4, dtype=torch.bool)))
+
+
 def test_left_align_puts_valid_steps_first():
     batch = {"obs_pad": torch.tensor([[True, False, False], [False, False, False]]),
              "state": torch.arange(6.0).view(2, 3, 1), "language_embedding": torch.zeros(2, 3)}
