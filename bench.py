@@ -9,6 +9,7 @@
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
     python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
     python bench.py --dtype_check 60       # each method's real CPU-default run, fp32 vs bf16: loss and samples/s
+    python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20: ms per evaluation step
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
 and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
@@ -344,6 +345,29 @@ def bench_eval(quick):
     return rates
 
 
+def bench_act(ckpt, n=20, calls=20):
+    """A checkpoint's Policy.act (through eval_sim.act, as an evaluation calls it) on n random 128-px
+    observations, after 8 warm-up calls -> ms per call. An evaluation of n episodes per task makes one such
+    call per step; the environments' step and render are the rest of its time."""
+    import numpy as np
+    import eval_sim
+    import train
+    policy, method = eval_sim.load_policy(ckpt)
+    known = train.load_checkpoint(ckpt).get("instructions") or []
+    instruction = eval_sim.INSTRUCTIONS["push-v3"]
+    instructions = [instruction if instruction in known or not known else known[0]] * n
+    rng = np.random.default_rng(0)
+    image = lambda: rng.integers(0, 256, (n, 3, 128, 128), dtype=np.uint8)
+    obs = {"image_primary": image(), "image_wrist": image(), "goal_image_primary": image(),
+           "state": rng.normal(size=(n, 4)).astype(np.float32)}
+    policy.reset(n)
+    for i in range(8 + calls):
+        if i == 8:
+            start = time.perf_counter()
+        eval_sim.act(policy, obs, instructions)
+    return method, 1000 * (time.perf_counter() - start) / calls
+
+
 METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
 
 
@@ -462,7 +486,12 @@ def main(argv=None):
                    help="each method's CPU-default step in fp32 / bf16, with and without channels_last (best of 3)")
     p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
                    help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
+    p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 (ms per evaluation step)")
     args = p.parse_args(argv)
+    if args.act:
+        method, ms = bench_act(args.act)
+        return print(f"{method} policy.act: {ms:.1f} ms per call at batch 20 ({torch.get_num_threads()} threads, "
+                     f"random 128-px observations, {args.act})")
     if args.levers:
         return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
     if args.dtype_check:

@@ -467,6 +467,9 @@ def test_checkpoint_round_trips_through_eval_sim(tmp_path, calvin_path):
     torch.save(ckpt, tmp_path / "both.pt")
     policy, method = eval_sim.load_policy(str(tmp_path / "both.pt"))
     assert method == "gr1" and isinstance(policy, gr1.Policy)
+    import bench  # bench.py --act: the same checkpoint's Policy.act timed as an evaluation calls it
+    name, ms = bench.bench_act(str(tmp_path / "both.pt"), n=2, calls=2)
+    assert name == "gr1" and ms > 0
     model.eval()
     rng = np.random.default_rng(0)
     text = [ds.instructions[0], ds.instructions[-1]]
