@@ -349,11 +349,14 @@ def bench_act(ckpt, n=20, calls=20):
     """A checkpoint's Policy.act (through eval_sim.act, as an evaluation calls it) on n random 128-px
     observations, after 8 warm-up calls -> ms per call. An evaluation of n episodes per task makes one such
     call per step; the environments' step and render are the rest of its time."""
+    import importlib
     import numpy as np
     import eval_sim
     import train
-    policy, method = eval_sim.load_policy(ckpt)
-    known = train.load_checkpoint(ckpt).get("instructions") or []
+    checkpoint = train.load_checkpoint(ckpt)  # read once: the policy and the instructions it knows
+    method = checkpoint["method"]
+    policy = eval_sim.rebuild_policy(importlib.import_module(method), checkpoint, "cpu", ckpt)
+    known = checkpoint.get("instructions") or []
     instruction = eval_sim.INSTRUCTIONS["push-v3"]
     instructions = [instruction if instruction in known or not known else known[0]] * n
     rng = np.random.default_rng(0)

@@ -62,6 +62,11 @@ def train_row(method, seed, out):
         out / "compare.log")
 
 
+def kept(row, out):
+    """{step: snapshot path} of a row's run; the baseline and the references have one point, with no snapshot."""
+    return snapshots(out) if row in METHODS else {0: None}
+
+
 def results_path(row, out, step):
     """Where the mt10 results of a run's snapshot at `step` are (mcr.py --downstream names its own folder)."""
     if row.startswith("mcr"):
@@ -70,10 +75,10 @@ def results_path(row, out, step):
 
 
 def score(row, seed, out, step, path, episodes, video):
-    """The mt10 results of one snapshot (its results.json, evaluated once)."""
+    """Score one snapshot on mt10 into its results.json, unless that file already holds `episodes` per task."""
     results = results_path(row, out, step)
     if results.exists() and json.loads(results.read_text())["episodes"] == episodes:
-        return json.loads(results.read_text())
+        return
     if row.startswith("mcr"):  # the downstream test: features of the frozen encoder, an MLP, then mt10
         encoder = "random" if row == "mcr-random" else str(path)
         run(["mcr.py", "--downstream", "--encoder", encoder, *MCR_DOWNSTREAM, "--eval_episodes", str(episodes),
@@ -84,7 +89,6 @@ def score(row, seed, out, step, path, episodes, video):
         else:
             policy, _ = eval_sim.load_policy(path)
         eval_sim.evaluate(policy, TASKS, episodes, str(results.parent), video=video, method=row)
-    return json.loads(results.read_text())
 
 
 def do_row(row, seed, episodes, curve_episodes, root):
@@ -92,10 +96,10 @@ def do_row(row, seed, episodes, curve_episodes, root):
     out = root / f"{row}_s{seed}"
     if row in METHODS:
         train_row(row, seed, out)
-    kept = snapshots(out) if row in METHODS else {0: None}  # the baseline and the references: one point
-    for step in sorted(kept):
-        last = step == max(kept)
-        score(row, seed, out, step, kept[step], episodes if last else curve_episodes, video=last)
+    snaps = kept(row, out)
+    for step in sorted(snaps):
+        last = step == max(snaps)
+        score(row, seed, out, step, snaps[step], episodes if last else curve_episodes, video=last)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,14 +111,13 @@ def collect(rows, seeds, root):
     for row in rows:
         for seed in seeds:
             out = root / f"{row}_s{seed}"
-            kept = snapshots(out) if row in METHODS else {0: None}
-            points = []
-            for step in sorted(kept):
+            snaps, points = kept(row, out), []
+            for step in sorted(snaps):
                 path = results_path(row, out, step)
                 if path.exists():
-                    seconds = train.load_checkpoint(kept[step])["train_seconds"] if kept[step] else 0.0
+                    seconds = train.load_checkpoint(snaps[step])["train_seconds"] if snaps[step] else 0.0
                     points.append({"step": step, "minutes": seconds / 60, "results": json.loads(path.read_text())})
-            if points and kept and points[-1]["step"] == max(kept):
+            if points and points[-1]["step"] == max(snaps):
                 found.setdefault(row, {})[seed] = points
     return found
 

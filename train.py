@@ -373,6 +373,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0, dynamic_ncols=True, unit="step")
     t_last, n_logged, sums, step = time.time(), 0, {}, start
     t_start = t_last - seconds
+    kept = {round(cfg.steps * i / cfg.keep) for i in range(1, cfg.keep + 1)}  # --keep's steps
     try:
         for step in range(start, cfg.steps):
             torch.manual_seed(step_seed(cfg.seed, rank, step))
@@ -397,7 +398,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
             bar.update(1)
             done, n_logged = step + 1, n_logged + 1
             last, save = done == cfg.steps, done % cfg.ckpt_every == 0 or done == cfg.steps
-            keep = any(done == round(cfg.steps * i / cfg.keep) for i in range(1, cfg.keep + 1))
+            keep = done in kept
             if done % cfg.log_every == 0 or save:
                 row = _log_row(sums, n_logged, world, device)
                 if not math.isfinite(row["loss"]):
@@ -514,10 +515,9 @@ BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "keep"
 
 def resume(path, model, opt, method, config, cfg, log):
     """Load the model and optimiser state of checkpoint `path` -> (the step to continue from, the training
-    seconds spent before it). Weights that
-    do not fit the model these settings build are an error naming the settings that differ from the
-    checkpoint's; other differences (dropout, lr, ...) are a warning, and the run goes on with the new
-    values, which its next checkpoint records."""
+    seconds spent before it). Weights that do not fit the model these settings build are an error naming the
+    settings that differ from the checkpoint's; other differences (dropout, lr, ...) are a warning, and the
+    run goes on with the new values, which its next checkpoint records."""
     ckpt = load_checkpoint(path)
     if ckpt["method"] != method:
         raise CheckpointError(f"{path} is a '{ckpt['method']}' run, not '{method}': use another --out_dir")
