@@ -8,7 +8,7 @@
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
     python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
-    python bench.py --dtype_check 60       # each method's real CPU-default run, fp32 vs bf16: loss and samples/s
+    python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (compile, workers): loss, samples/s
     python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20: ms per evaluation step
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
@@ -374,32 +374,38 @@ def bench_act(ckpt, n=20, calls=20):
 METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
 
 
-def dtype_check(methods, steps, dtypes=("fp32", "bf16")):
+CHECKS = {  # --check KIND: the variants of each method's real CPU-default run, as extra command-line flags
+    "dtype": {"fp32": ["--dtype", "fp32"], "bf16": ["--dtype", "bf16"]},
+    "compile": {"eager": [], "compiled": ["--compile"]},
+    "workers": {f"workers={w}": ["--workers", str(w)] for w in (0, 1, 2)},
+}
+
+
+def run_check(kind, methods, steps):
     """Each method's CPU-default run (its own command line: default config, the default MetaWorld data, no
-    evaluation) for `steps` steps in each dtype from the same seed -> rows of the loss's mean over the last
-    half of the logged steps and the samples/s after the first logged row (startup and warm-up)."""
+    evaluation) for `steps` steps in each variant of CHECKS[kind], from the same seed -> rows of the loss's mean
+    over the last half of the logged steps and the samples/s after the first logged row (startup, warm-up and
+    compilation)."""
     import json
     import subprocess
-    import sys
     import tempfile
     rows = []
     for name in methods:
-        for dtype in dtypes:
+        for variant, flags in CHECKS[kind].items():
             with tempfile.TemporaryDirectory() as out:
-                cmd = [sys.executable, f"{name}.py", "--steps", str(steps), "--dtype", dtype, "--out_dir", out,
+                cmd = [sys.executable, f"{name}.py", "--steps", str(steps), *flags, "--out_dir", out,
                        "--log_every", "5", "--eval_episodes", "0", "--no-resume", "--seed", "0"]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if done.returncode:
-                    raise SystemExit(f"bench.py --dtype_check: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+                    raise SystemExit(f"bench.py --check {kind}: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
                 log = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
             tail = log[len(log) // 2:]
-            rows.append({"method": name, "dtype": dtype, "steps": steps,
+            rows.append({"method": name, "variant": variant, "steps": steps,
                          "loss": sum(r["loss"] for r in tail) / len(tail),
                          "samples_per_s": sum(r["samples_per_s"] for r in log[1:]) / max(1, len(log) - 1)})
-            print(f"{name:<6} {dtype:<5} last-half loss {rows[-1]['loss']:.4f}  samples/s {rows[-1]['samples_per_s']:.2f}",
-                  flush=True)
+            print(f"{name:<6} {variant:<9} last-half loss {rows[-1]['loss']:.4f}  samples/s "
+                  f"{rows[-1]['samples_per_s']:.2f}", flush=True)
     return rows
-
 
 
 def cpu_default_cases():
@@ -487,8 +493,8 @@ def main(argv=None):
                    "most of a 2-core CPU run's 26 minutes)")
     p.add_argument("--levers", type=int, nargs="?", const=3, metavar="ROUNDS",
                    help="each method's CPU-default step in fp32 / bf16, with and without channels_last (best of 3)")
-    p.add_argument("--dtype_check", type=int, nargs="?", const=200, metavar="STEPS",
-                   help="train each method's CPU default for STEPS (200) steps in fp32 and in bf16 and compare")
+    p.add_argument("--check", choices=CHECKS, help="train each method's CPU default for --steps (60) steps in each "
+                   "variant (dtype: fp32/bf16; compile: eager/compiled; workers: 0/1/2 DataLoader workers) and compare")
     p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 (ms per evaluation step)")
     args = p.parse_args(argv)
     if args.act:
@@ -497,10 +503,10 @@ def main(argv=None):
                      f"random 128-px observations, {args.act})")
     if args.levers:
         return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
-    if args.dtype_check:
+    if args.check:
         methods = [m for m in args.methods.split(",") if m in METHOD_FILES] if "--methods" in (argv or sys.argv) \
             else list(METHOD_FILES)
-        return dtype_check(methods, args.dtype_check)
+        return run_check(args.check, methods, args.steps or 60)
     unknown = [m for m in args.methods.split(",") if m not in CASES]
     if unknown:
         raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
