@@ -5,6 +5,7 @@ the CALVIN long-horizon benchmark where calvin_env is installed.
     python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
     python eval_sim.py evaluate --policy expert --tasks reach-v3,push-v3 --episodes 10
     python eval_sim.py evaluate --suite calvin --ckpt runs/gr1/ckpt.pt --calvin_data /data/task_ABC_D
+    python eval_sim.py export --ckpt runs/rt1/ckpt.pt --out runs/rt1/export   # evaluate --ckpt runs/rt1/export
 
 --tasks is mt10, mt50 or a comma list of MetaWorld task names (e.g. reach-v3,door-open-v3).
 
@@ -14,11 +15,14 @@ opening), MetaWorld's 4-d action [dx, dy, dz, grab effort (+1 closes)] and the t
 INSTRUCTIONS table). Only successful episodes are kept, each ends at its first success. The result is an
 RLDS dataset <out>/1.0.0/ (internal name "metaworld") that data.py reads like any Open X-Embodiment set.
 
-evaluate: rebuilds a policy from any nanorobot checkpoint (`method` names the module, which has a
-`Policy.from_checkpoint(ckpt, device)`), runs N episodes of every task at once in environments spread over
-worker processes, asks the policy for one batched action per step, prints the success rate per task,
-and writes results.json and one rollout video per task (green border: success, red: failure) to --out: an
-H.264 mp4 (PyAV), or a GIF where PyAV or its libx264 is missing (said once).
+evaluate: rebuilds a policy from any nanorobot checkpoint, or a folder that export wrote (`method` names the
+module, which has a `Policy.from_checkpoint(ckpt, device)`), runs N episodes of every task at once in
+environments spread over worker processes, asks the policy for one batched action per step, prints the
+success rate per task, and writes results.json and one rollout video per task (green border: success, red:
+failure) to --out: an H.264 mp4 (PyAV), or a GIF where PyAV or its libx264 is missing (said once).
+
+export: a checkpoint's policy as model.safetensors, config.json and stats.json (train.export), which
+evaluate --ckpt loads without pickle.
 Policies speak the standard 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper (1 open, 0 closed)];
 to_standard_action / to_env_action convert to and from MetaWorld's action. A policy has reset(num_envs)
 and act(obs, instructions) -> (N, 7), where obs holds uint8 image_primary and image_wrist (N, 3, H, W),
@@ -726,6 +730,17 @@ def load_policy(path, device="cpu"):
     return rebuild_policy(module, ckpt, device, path), method
 
 
+def export(ckpt, out):
+    """train.export with its errors as EvalErrors naming the flag: the checkpoint's policy into the folder `out`."""
+    import train
+    try:
+        return train.export(ckpt, out)
+    except train.CheckpointError as e:
+        raise EvalError(f"--ckpt {e}") from None
+    except train.RunError as e:
+        raise EvalError(f"--out {e}") from None
+
+
 def rebuild_policy(module, ckpt, device, path):
     """module.Policy.from_checkpoint(ckpt, device); what it raises on a checkpoint that does not fit the
     method's code becomes one EvalError naming the checkpoint and what is wrong."""
@@ -1132,7 +1147,7 @@ def main(argv=None):
     c.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
     e = sub.add_parser("evaluate", help="success rate of a checkpoint or a built-in policy")
     who = e.add_mutually_exclusive_group(required=True)
-    who.add_argument("--ckpt", help="checkpoint of any nanorobot method")
+    who.add_argument("--ckpt", help="checkpoint of any nanorobot method, or a folder that export wrote")
     who.add_argument("--policy", choices=["expert", "random"], help="a built-in policy")
     e.add_argument("--episodes", type=int, default=20, help="episodes per task")
     e.add_argument("--out", default=None, help="results.json and videos (default: beside the checkpoint)")
@@ -1144,6 +1159,9 @@ def main(argv=None):
                                                        "simulator (calvin only)")
     e.add_argument("--num_sequences", type=int, default=CALVIN_SEQUENCES, help="chains of 5 subtasks (calvin only)")
     e.add_argument("--ep_len", type=int, default=CALVIN_EP_LEN, help="steps per subtask (calvin only)")
+    x = sub.add_parser("export", help="a checkpoint's policy as model.safetensors, config.json and stats.json")
+    x.add_argument("--ckpt", required=True, help="checkpoint of any nanorobot method")
+    x.add_argument("--out", required=True, help="folder for the three files (evaluate --ckpt takes it)")
     for s in (c, e):
         s.add_argument("--tasks", default="mt10", help="mt10, mt50 or a comma list of task names")
         s.add_argument("--size", type=int, default=128, help="camera image height and width (pixels)")
@@ -1154,6 +1172,9 @@ def main(argv=None):
             out, start = args.out or data_dir(args.tasks, args.episodes), time.time()
             path = collect(args.tasks, args.episodes, out, args.size, args.workers)
             print(f"wrote {path} in {(time.time() - start) / 60:.1f} min")
+        elif args.command == "export":
+            export(args.ckpt, args.out)
+            print(f"wrote model.safetensors, config.json and stats.json to {args.out}")
         elif args.suite == "calvin":
             check_calvin_args(args.num_sequences, args.ep_len)
             if args.policy == "expert":
@@ -1161,7 +1182,7 @@ def main(argv=None):
             if args.calvin_data is None:
                 raise EvalError(f"--calvin_data: required with --suite calvin; {CALVIN_INSTALL}")
             policy, method = load_policy(args.ckpt, device()) if args.ckpt else (RandomPolicy(), args.policy)
-            out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_calvin") if args.ckpt
+            out = args.out or (os.path.join(os.path.dirname(os.path.normpath(args.ckpt)), "eval_calvin") if args.ckpt
                                else os.path.join("runs", f"eval_calvin_{args.policy}"))
             evaluate_calvin(policy, args.calvin_data, out, args.num_sequences, args.ep_len, method)
             print(f"results.json in {out}")
@@ -1170,7 +1191,7 @@ def main(argv=None):
                 policy, method = load_policy(args.ckpt, device())
             else:
                 policy, method = (ExpertPolicy() if args.policy == "expert" else RandomPolicy()), args.policy
-            out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval") if args.ckpt
+            out = args.out or (os.path.join(os.path.dirname(os.path.normpath(args.ckpt)), "eval") if args.ckpt
                                else os.path.join("runs", f"eval_{args.policy}"))
             evaluate(policy, args.tasks, args.episodes, out, args.seed_offset, not args.no_video, method,
                      args.size, args.workers)

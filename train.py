@@ -164,11 +164,16 @@ def step_seed(seed, rank, step):
 # checkpoints: written to a temporary file, flushed, then renamed over the old one (atomic on POSIX)
 
 def save_checkpoint(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,7 +183,9 @@ def save_checkpoint(path, obj):
 
 def load_checkpoint(path):
     """A nanorobot checkpoint, read with weights_only=True (tensors and plain data only: no code runs), or
-    a CheckpointError that names the file and what is wrong."""
+    a CheckpointError that names the file and what is wrong. A folder is an export (load_export)."""
+    if Path(path).is_dir():
+        return load_export(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -219,6 +226,78 @@ def checkpoint_problem(ckpt):
     if not isinstance(stats, list) or not stats or not all(isinstance(s, dict) for s in stats):
         return f"stats is {stats!r:.40}, not a list of one dict per data source"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# export: a checkpoint's policy as safetensors and JSON, which load back without pickle
+
+EXPORTED = ("method", "config", "train_config", "step", "amp_dtype", "instructions", "train_seconds")  # config.json
+
+
+def export(ckpt_path, out_dir):
+    """Write checkpoint `ckpt_path`'s policy to the folder out_dir: model.safetensors (the weights; a tensor that
+    shares its storage with another is stored once, and config.json's "shared" names it), config.json (the
+    checkpoint's EXPORTED keys: what eval_sim.rebuild_policy reads besides tensors, without the optimizer state)
+    and stats.json (the normalisation statistics). Returns out_dir as a Path."""
+    from safetensors.torch import save
+    ckpt, out = load_checkpoint(ckpt_path), Path(out_dir)
+    weights, shared = stored_once(ckpt["model"])
+    config = {k: ckpt[k] for k in EXPORTED if k in ckpt} | {"shared": shared}
+    files = {"model.safetensors": save(weights, metadata={"format": "pt"}),
+             "config.json": as_json(config, ckpt_path, "its config"),
+             "stats.json": as_json(ckpt["stats"], ckpt_path, "its stats")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot make the export folder ({e.strerror})") from None
+    for name, blob in files.items():
+        atomic_write(out / name, lambda f: f.write(blob))
+    return out
+
+
+def stored_once(state_dict):
+    """-> (the tensors to store, {key: the stored key whose storage it shares}). safetensors refuses tensors that
+    share memory (tied weights): each is stored once, contiguous, in a storage of its own."""
+    tensors, shared, seen = {}, {}, {}
+    for key, t in state_dict.items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if where in seen:
+            shared[key] = seen[where]
+        else:
+            seen[where], tensors[key] = key, t.detach().clone(memory_format=torch.contiguous_format)
+    return tensors, shared
+
+
+def as_json(value, path, what):
+    """value as indented JSON bytes, or a CheckpointError naming the checkpoint and what JSON cannot hold."""
+    try:
+        return json.dumps(value, indent=1, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {what} cannot be written as JSON ({one_line(e)}); an export holds plain "
+                              f"numbers, strings, lists and dicts besides the weights") from None
+
+
+def load_export(folder):
+    """An exported folder -> the checkpoint dict load_checkpoint returns (method, config, model, stats, step, ...,
+    without the optimizer state), read with json and safetensors only: no pickle, no code runs. A
+    CheckpointError names the file and what is wrong."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    for name in ("config.json", "stats.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name} there; expected an exported policy (model.safetensors, "
+                                  f"config.json, stats.json: python eval_sim.py export) or a checkpoint file")
+    try:
+        config, stats = (json.loads((folder / name).read_text()) for name in ("config.json", "stats.json"))
+        model = load_file(folder / "model.safetensors")
+        model |= {alias: model[key] for alias, key in config.pop("shared", {}).items()}
+    except Exception as e:
+        raise CheckpointError(f"{folder}: not a readable export ({type(e).__name__}: {one_line(e)})") from None
+    ckpt = config | {"model": model, "stats": stats}
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{folder}: not a nanorobot export ({problem})")
+    return ckpt
 
 
 def state_dict_misfit(error):

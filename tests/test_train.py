@@ -3,6 +3,7 @@ Bridge sample)."""
 import argparse
 import json
 import os
+import pickle
 import runpy
 import signal
 import subprocess
@@ -500,3 +501,58 @@ def test_log_none_imports_no_tracker_and_tensorboard_no_tensorflow(tmp_path):
     assert none == []
     assert "torch.utils.tensorboard" in tensorboard and not any(m.startswith("tensorflow") for m in tensorboard)
     assert (tmp_path / "b" / "tensorboard").is_dir() and not (tmp_path / "a" / "tensorboard").exists()
+
+
+# --- export: safetensors + JSON, loaded back without pickle ---------------------------------------------------------
+
+def refuse_pickle(monkeypatch):
+    """Every way to unpickle raises from here on: an export must load without any."""
+    def refused(*args, **kwargs):
+        raise AssertionError("an export was read with pickle")
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(module, name, refused)
+
+
+def test_export_stores_shared_tensors_once_and_loads_back_without_pickle(tmp_path, monkeypatch):
+    tied = torch.arange(6.0).reshape(2, 3)  # e.g. an embedding and an output layer that share their weights
+    ckpt = {"method": "tiny", "config": {"width": 3, "sizes": (1, 2), "vocabulary": ["open the door"]},
+            "model": {"embed.weight": tied, "head.weight": tied, "head.bias": torch.ones(2, dtype=torch.bfloat16),
+                      "norm.num_batches_tracked": torch.tensor(4)},
+            "stats": [{"name": "x", "action": {"q01": [-1.0, 0.0], "q99": [1.0, 0.5]}}], "step": 7,
+            "instructions": ["open the door"], "amp_dtype": "bf16", "train_config": {"lr": 0.01},
+            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    out = train.export(tmp_path / "ckpt.pt", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "stats.json"]
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["embed.weight", "head.bias", "norm.num_batches_tracked"]  # the tied one once
+    config = json.loads((out / "config.json").read_text())
+    assert config["shared"] == {"head.weight": "embed.weight"} and "optimizer" not in config
+    refuse_pickle(monkeypatch)
+    back = train.load_checkpoint(out)
+    assert sorted(back) == ["amp_dtype", "config", "instructions", "method", "model", "stats", "step", "train_config"]
+    assert back["model"]["head.weight"] is back["model"]["embed.weight"]
+    assert torch.equal(back["model"]["head.weight"], tied)
+    assert back["model"]["head.bias"].dtype == torch.bfloat16 and back["model"]["norm.num_batches_tracked"].item() == 4
+    assert back["config"] == {"width": 3, "sizes": [1, 2], "vocabulary": ["open the door"]}  # JSON: a tuple is a list
+    assert (back["stats"], back["step"], back["amp_dtype"]) == (ckpt["stats"], 7, "bf16")
+
+
+def test_export_errors_name_the_file(tmp_path):
+    good = {"method": "tiny", "config": {}, "model": {"w": torch.ones(2)}, "stats": [{"name": "x"}], "step": 1}
+    torch.save(good | {"config": {"scale": torch.ones(1)}}, tmp_path / "tensor.pt")  # weights_only admits it
+    with pytest.raises(train.CheckpointError, match=r"tensor.pt: its config cannot be written as JSON \(Object of "
+                                                    r"type Tensor is not JSON serializable\)"):
+        train.export(tmp_path / "tensor.pt", tmp_path / "x")
+    torch.save(good, tmp_path / "ckpt.pt")
+    out = train.export(tmp_path / "ckpt.pt", tmp_path / "export")
+    (out / "stats.json").unlink()
+    with pytest.raises(train.CheckpointError, match=r"export: no stats.json there; expected an exported policy"):
+        train.load_checkpoint(out)
+    (out / "stats.json").write_text("[{]")
+    with pytest.raises(train.CheckpointError, match=r"export: not a readable export \(JSONDecodeError: "):
+        train.load_checkpoint(out)
+    (out / "stats.json").write_text("[]")
+    with pytest.raises(train.CheckpointError, match=r"export: not a nanorobot export \(stats is \[\], not a list"):
+        train.load_checkpoint(out)
