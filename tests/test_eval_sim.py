@@ -412,3 +412,11 @@ def test_bf16_trained_policy_acts_in_bf16_and_returns_float32_actions():
     bf16 = eval_sim.act(policy, obs, ["x"] * 3)
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # bf16 ran
     np.testing.assert_allclose(bf16[:, :6], fp32[:, :6], atol=0.1)
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=rf"^eval_sim.py: --ckpt {tmp_path}/none.pt: no such checkpoint$"):
+        eval_sim.main(["export", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "export")])
+    with pytest.raises(SystemExit, match=rf"^eval_sim.py: --ckpt {tmp_path}: no config.json there; expected an "):
+        eval_sim.main(["evaluate", "--ckpt", str(tmp_path)])  # a folder that is not an export
+    assert not (tmp_path / "export").exists()
