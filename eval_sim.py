@@ -5,6 +5,7 @@ the CALVIN long-horizon benchmark where calvin_env is installed.
     python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
     python eval_sim.py evaluate --policy expert --tasks reach-v3,push-v3 --episodes 10
     python eval_sim.py evaluate --suite calvin --ckpt runs/gr1/ckpt.pt --calvin_data /data/task_ABC_D
+    python eval_sim.py export --ckpt runs/rt1/ckpt.pt --out runs/rt1/export   # evaluate --ckpt runs/rt1/export
 
 --tasks is mt10, mt50 or a comma list of MetaWorld task names (e.g. reach-v3,door-open-v3).
 
@@ -14,10 +15,14 @@ opening), MetaWorld's 4-d action [dx, dy, dz, grab effort (+1 closes)] and the t
 INSTRUCTIONS table). Only successful episodes are kept, each ends at its first success. The result is an
 RLDS dataset <out>/1.0.0/ (internal name "metaworld") that data.py reads like any Open X-Embodiment set.
 
-evaluate: rebuilds a policy from any nanorobot checkpoint (`method` names the module, which has a
-`Policy.from_checkpoint(ckpt, device)`), runs N episodes of every task at once in environments spread over
-worker processes, asks the policy for one batched action per step, prints the success rate per task,
-and writes results.json and one GIF per task (green border: success, red: failure) to --out.
+evaluate: rebuilds a policy from any nanorobot checkpoint, or a folder that export wrote (`method` names the
+module, which has a `Policy.from_checkpoint(ckpt, device)`), runs N episodes of every task at once in
+environments spread over worker processes, asks the policy for one batched action per step, prints the
+success rate per task, and writes results.json and one rollout video per task (green border: success, red:
+failure) to --out: an H.264 mp4 (PyAV), or a GIF where PyAV or its libx264 is missing (said once).
+
+export: a checkpoint's policy as model.safetensors, config.json and stats.json (train.export), which
+evaluate --ckpt loads without pickle.
 Policies speak the standard 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper (1 open, 0 closed)];
 to_standard_action / to_env_action convert to and from MetaWorld's action. A policy has reset(num_envs)
 and act(obs, instructions) -> (N, 7), where obs holds uint8 image_primary and image_wrist (N, 3, H, W),
@@ -77,6 +82,7 @@ WRIST_CAMERA = "gripperPOV"
 SIM_CAMERAS = {"image": PRIMARY_CAMERA, "wrist": WRIST_CAMERA}  # a TaskSim observation's image keys
 VIEWS = {"image_primary": "image", "image_wrist": "wrist"}  # a policy's observation image key -> TaskSim's
 VIDEO_EVERY = 4  # the rollout video shows every 4th step of episode 0 (and the step it succeeds)
+VIDEO_FPS = 20  # its frames per second: 80 simulator steps a second
 MAX_STEPS = 500  # MetaWorld's max_path_length: success at any step before it counts
 DEMO_SEED = 0  # demonstration k of a task tries seeds DEMO_SEED + k + attempt * episodes
 DEMO_TRIES = 10  # attempts per demonstration before the expert is declared broken on a task
@@ -569,23 +575,54 @@ def run_task(workers, policy, task, seeds, method, bar, video=True):
     return success, frames
 
 
-def save_video(frames, success, path):
-    """GIF of one rollout's frames; a green border and 'success' or a red border and 'failure' mark the outcome."""
+def video_format():
+    """"mp4" when PyAV can encode H.264 here, else "gif", after one line that says why."""
+    try:
+        import av
+        av.codec.Codec("libx264", "w")
+        return "mp4"
+    except (ImportError, ValueError) as e:  # no PyAV, or an FFmpeg build without libx264 (UnknownCodecError)
+        print(f"eval_sim: rollout videos are GIFs, not mp4: no H.264 encoder ({type(e).__name__}: {e}); "
+              f"pip install 'av>=14' (its wheels bundle FFmpeg with libx264)")
+        return "gif"
+
+
+def marked(frame, success):
+    """uint8 (H, W, 3) -> a PIL image with the outcome drawn on it: a green border and 'success' or a red border
+    and 'failure'. Padded to an even width and height, as H.264's half-resolution colour (yuv420p) needs; the
+    border covers the padding."""
     color, label = ((0, 200, 0), "success") if success else ((230, 0, 0), "failure")
-    images = []
-    for f in frames:
-        img = Image.fromarray(f)
-        draw = ImageDraw.Draw(img)
-        draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=color, width=max(2, img.width // 40))
-        draw.text((6, 4), label, fill=color)
-        images.append(img)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
+    h, w = frame.shape[:2]
+    img = Image.new("RGB", (w + w % 2, h + h % 2))
+    img.paste(Image.fromarray(frame))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=color, width=max(2, img.width // 40))
+    draw.text((6, 4), label, fill=color)
+    return img
+
+
+def save_video(frames, success, path):
+    """One rollout's frames, marked with its outcome, as an H.264 mp4 (yuv420p, PyAV), or as a GIF if `path`
+    ends in .gif (evaluate's fallback where there is no H.264 encoder)."""
+    images = [marked(f, success) for f in frames]
+    if path.endswith(".gif"):
+        images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // VIDEO_FPS, loop=0)
+        return
+    import av
+    with av.open(path, "w") as video:
+        stream = video.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = images[0].width, images[0].height, "yuv420p"
+        stream.options = {"crf": "18"}  # x264's default is 23: 18 keeps the thin border's colour
+        for image in images:
+            video.mux(stream.encode(av.VideoFrame.from_image(image)))
+        video.mux(stream.encode())  # the frames the encoder still holds
 
 
 def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, method="name", size=128,
              workers=None):
     """Success rate of `policy` on `episodes` seeded episodes per task; prints a table and returns
-    {"success": {task: rate}, "mean": rate, ...}; with out_dir, writes results.json and <task>.gif there."""
+    {"success": {task: rate}, "mean": rate, ...}; with out_dir, writes results.json and a rollout video per task
+    there (<task>.mp4, or <task>.gif where there is no H.264 encoder: results["videos"] names them)."""
     tasks, seeds = parse_tasks(tasks), eval_seeds(episodes, seed_offset)
     check_size(size)
     check_workers(workers)
@@ -593,13 +630,15 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
         os.makedirs(out_dir, exist_ok=True)
     pool = Workers(min(workers or os.cpu_count(), episodes), size)
     bar = tqdm(total=len(tasks) * episodes, desc=f"evaluate {method}", unit="episode")
-    per_task, start = {}, time.time()
+    per_task, videos, start = {}, {}, time.time()
+    fmt = video_format() if video and out_dir else None
     try:
         for task in tasks:
-            success, frames = run_task(pool, policy, task, seeds, method, bar, video=bool(video and out_dir))
+            success, frames = run_task(pool, policy, task, seeds, method, bar, video=bool(fmt))
             per_task[task] = success.tolist()
-            if video and out_dir:
-                save_video(frames, success[0], os.path.join(out_dir, f"{task}.gif"))
+            if fmt:
+                videos[task] = f"{task}.{fmt}"
+                save_video(frames, success[0], os.path.join(out_dir, videos[task]))
     finally:
         bar.close()
         pool.close()
@@ -608,7 +647,8 @@ def evaluate(policy, tasks, episodes, out_dir=None, seed_offset=0, video=True, m
     wins = int(sum(map(sum, per_task.values())))
     results = {"method": method, "episodes": episodes, "seeds": [seeds[0], seeds[-1]], "success": rates,
                "mean": float(np.mean(list(rates.values()))), "successes": wins, "total": len(tasks) * episodes,
-               "interval": wilson(wins, len(tasks) * episodes), "per_episode": per_task, "seconds": round(seconds, 1),
+               "interval": wilson(wins, len(tasks) * episodes), "per_episode": per_task, "videos": videos,
+               "seconds": round(seconds, 1),
                "episodes_per_minute": round(60 * len(tasks) * episodes / seconds, 1)}
     print_table(results)
     if out_dir:
@@ -688,6 +728,17 @@ def load_policy(path, device="cpu"):
     if not hasattr(module, "Policy"):
         raise EvalError(f"--ckpt {path}: module '{method}' has no Policy class; expected a nanorobot method file")
     return rebuild_policy(module, ckpt, device, path), method
+
+
+def export(ckpt, out):
+    """train.export with its errors as EvalErrors naming the flag: the checkpoint's policy into the folder `out`."""
+    import train
+    try:
+        return train.export(ckpt, out)
+    except train.CheckpointError as e:
+        raise EvalError(f"--ckpt {e}") from None
+    except train.RunError as e:
+        raise EvalError(f"--out {e}") from None
 
 
 def rebuild_policy(module, ckpt, device, path):
@@ -1096,18 +1147,21 @@ def main(argv=None):
     c.add_argument("--episodes", type=int, default=50, help="successful episodes per task")
     e = sub.add_parser("evaluate", help="success rate of a checkpoint or a built-in policy")
     who = e.add_mutually_exclusive_group(required=True)
-    who.add_argument("--ckpt", help="checkpoint of any nanorobot method")
+    who.add_argument("--ckpt", help="checkpoint of any nanorobot method, or a folder that export wrote")
     who.add_argument("--policy", choices=["expert", "random"], help="a built-in policy")
     e.add_argument("--episodes", type=int, default=20, help="episodes per task")
     e.add_argument("--out", default=None, help="results.json and videos (default: beside the checkpoint)")
     e.add_argument("--seed_offset", type=int, default=0, help="evaluation seeds start at 1_000_000 + this")
-    e.add_argument("--no_video", action="store_true", help="skip the per-task rollout GIFs")
+    e.add_argument("--no_video", action="store_true", help="skip the per-task rollout videos")
     e.add_argument("--suite", choices=["metaworld", "calvin"], default="metaworld",
                    help="metaworld (--tasks, --episodes, ...) or the CALVIN long-horizon benchmark (needs calvin_env)")
     e.add_argument("--calvin_data", default=None, help="CALVIN dataset root whose validation/ folder configures the "
                                                        "simulator (calvin only)")
     e.add_argument("--num_sequences", type=int, default=CALVIN_SEQUENCES, help="chains of 5 subtasks (calvin only)")
     e.add_argument("--ep_len", type=int, default=CALVIN_EP_LEN, help="steps per subtask (calvin only)")
+    x = sub.add_parser("export", help="a checkpoint's policy as model.safetensors, config.json and stats.json")
+    x.add_argument("--ckpt", required=True, help="checkpoint of any nanorobot method")
+    x.add_argument("--out", required=True, help="folder for the three files (evaluate --ckpt takes it)")
     for s in (c, e):
         s.add_argument("--tasks", default="mt10", help="mt10, mt50 or a comma list of task names")
         s.add_argument("--size", type=int, default=128, help="camera image height and width (pixels)")
@@ -1118,6 +1172,9 @@ def main(argv=None):
             out, start = args.out or data_dir(args.tasks, args.episodes), time.time()
             path = collect(args.tasks, args.episodes, out, args.size, args.workers)
             print(f"wrote {path} in {(time.time() - start) / 60:.1f} min")
+        elif args.command == "export":
+            export(args.ckpt, args.out)
+            print(f"wrote model.safetensors, config.json and stats.json to {args.out}")
         elif args.suite == "calvin":
             check_calvin_args(args.num_sequences, args.ep_len)
             if args.policy == "expert":
@@ -1125,7 +1182,7 @@ def main(argv=None):
             if args.calvin_data is None:
                 raise EvalError(f"--calvin_data: required with --suite calvin; {CALVIN_INSTALL}")
             policy, method = load_policy(args.ckpt, device()) if args.ckpt else (RandomPolicy(), args.policy)
-            out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval_calvin") if args.ckpt
+            out = args.out or (os.path.join(os.path.dirname(os.path.normpath(args.ckpt)), "eval_calvin") if args.ckpt
                                else os.path.join("runs", f"eval_calvin_{args.policy}"))
             evaluate_calvin(policy, args.calvin_data, out, args.num_sequences, args.ep_len, method)
             print(f"results.json in {out}")
@@ -1134,7 +1191,7 @@ def main(argv=None):
                 policy, method = load_policy(args.ckpt, device())
             else:
                 policy, method = (ExpertPolicy() if args.policy == "expert" else RandomPolicy()), args.policy
-            out = args.out or (os.path.join(os.path.dirname(args.ckpt), "eval") if args.ckpt
+            out = args.out or (os.path.join(os.path.dirname(os.path.normpath(args.ckpt)), "eval") if args.ckpt
                                else os.path.join("runs", f"eval_{args.policy}"))
             evaluate(policy, args.tasks, args.episodes, out, args.seed_offset, not args.no_video, method,
                      args.size, args.workers)

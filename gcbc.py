@@ -284,8 +284,9 @@ def main():
         (0 if args.data else CPU_EVAL_EPISODES if cpu else 10)
     if episodes and int(os.environ.get("RANK", 0)) == 0:
         device = next(model.parameters()).device
-        eval_sim.evaluate(Policy(model, ds.stats, device), args.eval_tasks, episodes,
-                          os.path.join(tcfg.out_dir, "eval"), method="gcbc")
+        results = eval_sim.evaluate(Policy(model, ds.stats, device), args.eval_tasks, episodes,
+                                    os.path.join(tcfg.out_dir, "eval"), method="gcbc")
+        train.log_evaluation(tcfg, results)  # --log: the success rates beside the training's rows
 
 
 if __name__ == "__main__":

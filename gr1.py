@@ -942,8 +942,9 @@ def main():
         log(f"gr1: predicted vs real frames t+{cfg.future} in {os.path.join(tcfg.out_dir, 'predictions.png')}")
     episodes = args.eval_episodes if args.eval_episodes is not None else 20 * (args.data is None)
     if rank0 and episodes > 0 and not cfg.pretrain:
-        eval_sim.evaluate(Policy(model, ds.stats, clip_ckpt), args.eval_tasks, episodes,
-                          out_dir=os.path.join(tcfg.out_dir, "eval"), method="gr1", size=128)
+        results = eval_sim.evaluate(Policy(model, ds.stats, clip_ckpt), args.eval_tasks, episodes,
+                                    out_dir=os.path.join(tcfg.out_dir, "eval"), method="gr1", size=128)
+        train.log_evaluation(tcfg, results)  # --log: the success rates beside the training's rows
 
 
 if __name__ == "__main__":

@@ -545,8 +545,10 @@ def main():
         if not args.encoder:
             raise SystemExit("mcr.py: --downstream needs --encoder PATH | imagenet | random")
         encoder, name = make_encoder(args.encoder, args.imagenet_weights, tcfg.seed)
-        downstream(encoder, name, eval_sim.default_data(), cfg, dcfg, os.path.join(tcfg.out_dir, f"downstream_{name}"),
-                   tcfg.seed)
+        _, results = downstream(encoder, name, eval_sim.default_data(), cfg, dcfg,
+                                os.path.join(tcfg.out_dir, f"downstream_{name}"), tcfg.seed)
+        if results:  # --log: the success rates after the BC steps
+            train.log_evaluation(tcfg, results, step=dcfg.bc_steps)
         return
 
     spec = args.data or eval_sim.default_data()
@@ -584,6 +586,7 @@ def main():
     if metaworld and dcfg.eval_episodes > 0:
         _, results = downstream(load_encoder(encoder_path), "mcr", spec, cfg, dcfg,
                                 os.path.join(tcfg.out_dir, "downstream_mcr"), tcfg.seed)
+        train.log_evaluation(tcfg, results)  # --log: the downstream success rates beside the pre-training's rows
         print(f"mcr: {summary}\nmcr: downstream success of the frozen encoder + MLP: {results['mean']:.1%} on "
               f"{dcfg.tasks} ({dcfg.eval_episodes} episodes each); a baseline: python mcr.py --downstream --encoder "
               f"random --out_dir {tcfg.out_dir} --image_size {cfg.image_size} (same --tasks/--demos/--bc_steps)")

@@ -460,8 +460,9 @@ def main():
     episodes = args.eval_episodes if args.eval_episodes is not None else (20 if gpu else 1) * metaworld
     if rank0 and episodes > 0:
         policy = Policy(model, tokenizer, metaworld_source(ds.stats))
-        eval_sim.evaluate(policy, args.eval_tasks, episodes, out_dir=os.path.join(tcfg.out_dir, "eval"),
-                          method="rt1", size=128)
+        results = eval_sim.evaluate(policy, args.eval_tasks, episodes, out_dir=os.path.join(tcfg.out_dir, "eval"),
+                                    method="rt1", size=128)
+        train.log_evaluation(tcfg, results)  # --log: the success rates beside the training's rows
 
 
 if __name__ == "__main__":

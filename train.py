@@ -4,7 +4,8 @@
 
 torchrun DDP (NCCL on GPU, gloo on CPU), bf16 autocast where supported, AdamW (fused on GPU) with warmup
 then cosine, gradient clipping and accumulation, optional torch.compile, a tqdm bar with ETA and
-samples/s, metrics.jsonl and loss.png, and atomic checkpoints that resume bit for bit.
+samples/s, metrics.jsonl and loss.png (and TensorBoard or wandb with --log), and atomic checkpoints that
+resume bit for bit.
 
 Exactness: the data order is a function of (seed, step) alone (data.Sampler), and the torch RNG is
 re-seeded from (seed, rank, step) before every step, so a resumed run draws the same dropout masks
@@ -30,6 +31,7 @@ import re
 import socket
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -41,6 +43,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as data_lib
+
+
+TRACKERS = ("none", "tensorboard", "wandb")  # --log
 
 
 @dataclass
@@ -67,6 +72,7 @@ class TrainConfig:
     resume: bool = True        # continue out_dir/ckpt.pt if it exists (--no-resume starts afresh)
     find_unused: bool = False  # DDP: some parameters get no gradient in a step (e.g. per-dataset heads)
     dist_timeout: int = 600    # seconds a rank waits for the others before the job fails (gloo's default: 1800)
+    log: str = field(default="none", metadata={"choices": TRACKERS})  # also send the metrics rows there (rank 0)
 
 
 class CheckpointError(ValueError):
@@ -158,11 +164,16 @@ def step_seed(seed, rank, step):
 # checkpoints: written to a temporary file, flushed, then renamed over the old one (atomic on POSIX)
 
 def save_checkpoint(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -172,7 +183,9 @@ def save_checkpoint(path, obj):
 
 def load_checkpoint(path):
     """A nanorobot checkpoint, read with weights_only=True (tensors and plain data only: no code runs), or
-    a CheckpointError that names the file and what is wrong."""
+    a CheckpointError that names the file and what is wrong. A folder is an export (load_export)."""
+    if Path(path).is_dir():
+        return load_export(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -213,6 +226,78 @@ def checkpoint_problem(ckpt):
     if not isinstance(stats, list) or not stats or not all(isinstance(s, dict) for s in stats):
         return f"stats is {stats!r:.40}, not a list of one dict per data source"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# export: a checkpoint's policy as safetensors and JSON, which load back without pickle
+
+EXPORTED = ("method", "config", "train_config", "step", "amp_dtype", "instructions", "train_seconds")  # config.json
+
+
+def export(ckpt_path, out_dir):
+    """Write checkpoint `ckpt_path`'s policy to the folder out_dir: model.safetensors (the weights; a tensor that
+    shares its storage with another is stored once, and config.json's "shared" names it), config.json (the
+    checkpoint's EXPORTED keys: what eval_sim.rebuild_policy reads besides tensors, without the optimizer state)
+    and stats.json (the normalisation statistics). Returns out_dir as a Path."""
+    from safetensors.torch import save
+    ckpt, out = load_checkpoint(ckpt_path), Path(out_dir)
+    weights, shared = stored_once(ckpt["model"])
+    config = {k: ckpt[k] for k in EXPORTED if k in ckpt} | {"shared": shared}
+    files = {"model.safetensors": save(weights, metadata={"format": "pt"}),
+             "config.json": as_json(config, ckpt_path, "its config"),
+             "stats.json": as_json(ckpt["stats"], ckpt_path, "its stats")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot make the export folder ({e.strerror})") from None
+    for name, blob in files.items():
+        atomic_write(out / name, lambda f: f.write(blob))
+    return out
+
+
+def stored_once(state_dict):
+    """-> (the tensors to store, {key: the stored key whose storage it shares}). safetensors refuses tensors that
+    share memory (tied weights): each is stored once, contiguous, in a storage of its own."""
+    tensors, shared, seen = {}, {}, {}
+    for key, t in state_dict.items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if where in seen:
+            shared[key] = seen[where]
+        else:
+            seen[where], tensors[key] = key, t.detach().clone(memory_format=torch.contiguous_format)
+    return tensors, shared
+
+
+def as_json(value, path, what):
+    """value as indented JSON bytes, or a CheckpointError naming the checkpoint and what JSON cannot hold."""
+    try:
+        return json.dumps(value, indent=1, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {what} cannot be written as JSON ({one_line(e)}); an export holds plain "
+                              f"numbers, strings, lists and dicts besides the weights") from None
+
+
+def load_export(folder):
+    """An exported folder -> the checkpoint dict load_checkpoint returns (method, config, model, stats, step, ...,
+    without the optimizer state), read with json and safetensors only: no pickle, no code runs. A
+    CheckpointError names the file and what is wrong."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    for name in ("config.json", "stats.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name} there; expected an exported policy (model.safetensors, "
+                                  f"config.json, stats.json: python eval_sim.py export) or a checkpoint file")
+    try:
+        config, stats = (json.loads((folder / name).read_text()) for name in ("config.json", "stats.json"))
+        model = load_file(folder / "model.safetensors")
+        model |= {alias: model[key] for alias, key in config.pop("shared", {}).items()}
+    except Exception as e:
+        raise CheckpointError(f"{folder}: not a readable export ({type(e).__name__}: {one_line(e)})") from None
+    ckpt = config | {"model": model, "stats": stats}
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{folder}: not a nanorobot export ({problem})")
+    return ckpt
 
 
 def state_dict_misfit(error):
@@ -374,6 +459,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     t_last, n_logged, sums, step = time.time(), 0, {}, start
     t_start = t_last - seconds
     kept = {round(cfg.steps * i / cfg.keep) for i in range(1, cfg.keep + 1)}  # --keep's steps
+    tracker = open_tracker(cfg, method, config, purge_step=start + 1) if rank == 0 else None  # its first row's step
     try:
         for step in range(start, cfg.steps):
             torch.manual_seed(step_seed(cfg.seed, rank, step))
@@ -414,6 +500,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                                     **({"mfu": f"{row['mfu']:.1%}"} if flops else {}))
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if tracker:
+                        tracker.log(row)
                 t_last, n_logged, sums = time.time(), 0, {}
             if save or keep:
                 if rank == 0:
@@ -437,6 +525,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
         raise
     finally:
         bar.close()  # an error's message starts on a line of its own
+        if tracker:
+            tracker.close()
     if rank == 0 and (out / "metrics.jsonl").exists():
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     if world > 1:
@@ -468,6 +558,88 @@ def peer_failure_reason(error):
     part after the source location, up to its first full stop."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", one_line(error))
     return text.split(". ")[0].rstrip(".")
+
+
+# ---------------------------------------------------------------------------------------------------
+# --log: the metrics rows also to TensorBoard or wandb (rank 0); with --log none nothing is imported
+
+def open_tracker(cfg, method=None, config=None, purge_step=None):
+    """--log -> a TensorBoard or Wandb tracker of the run in --out_dir (log(row), close()); None for none."""
+    out = Path(cfg.out_dir)
+    if cfg.log == "tensorboard":
+        return TensorBoard(out, purge_step)
+    if cfg.log == "wandb":
+        return Wandb(out, method, config, cfg)
+    if cfg.log != "none":
+        raise RunError(f"--log {cfg.log}: expected one of {', '.join(TRACKERS)}")
+    return None
+
+
+def log_evaluation(cfg, results, step=None):
+    """--log: an evaluation's success rates (eval/success, the mean, and eval/success/<task>) at `step` (default:
+    the run's last), in the same TensorBoard folder or wandb run as its training. A method's main() calls it after
+    eval_sim.evaluate."""
+    tracker = open_tracker(cfg)
+    if tracker:
+        tracker.log({"step": cfg.steps if step is None else step, "eval/success": results["mean"],
+                     **{f"eval/success/{task}": rate for task, rate in results["success"].items()}})
+        tracker.close()
+
+
+class TensorBoard:
+    """--log tensorboard: every number of a metrics row as a scalar of the same name at its step, in
+    out/tensorboard. A run marks the step of its first row (purge_step), and TensorBoard drops what earlier
+    runs logged from that step on: the rows a resumed run logs again, as _trim_log drops them from metrics.jsonl."""
+
+    def __init__(self, out, purge_step=None):
+        # tensorboard's own switch (its no_tensorflow build): its TensorFlow stub writes the event files, so training
+        # still never imports TensorFlow (which torch.utils.tensorboard would do where it is installed: 5 s here)
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RunError(f"--log tensorboard: needs the tensorboard package ({one_line(e)}): "
+                           f"pip install tensorboard") from None
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+
+    def log(self, row):
+        for key, value in row.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, row["step"])
+        self.writer.flush()  # on disk when metrics.jsonl's row is
+
+    def close(self):
+        self.writer.close()
+
+
+class Wandb:
+    """--log wandb: the metrics rows in a wandb run whose files are in out/wandb (WANDB_MODE=offline: no network,
+    `wandb sync` uploads them later). Its id is kept in out/wandb_id, so a resumed run and the evaluation after
+    training log into the same run. A row's "step" is the x-axis of every other number in it."""
+
+    def __init__(self, out, method=None, config=None, cfg=None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise RunError(f"--log wandb: needs the wandb package ({one_line(e)}): pip install wandb") from None
+        id_file = out / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        settings = {"method": method, "model": config, "train": asdict(cfg)} if method else None  # at the start
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanorobot"), name=out.name, id=run_id,
+                                  resume="allow", dir=str(out), config=settings)
+        except wandb.errors.Error as e:
+            raise RunError(f"--log wandb: wandb.init failed ({one_line(e)}); log in with `wandb login`, or set "
+                           f"WANDB_MODE=offline to keep the run in {out / 'wandb'}") from None
+        id_file.write_text(self.run.id + "\n")
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")  # not wandb's own step, which a resumed run cannot rewind
+
+    def log(self, row):
+        self.run.log(row)
+
+    def close(self):
+        self.run.finish()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -510,7 +682,7 @@ def run_folder(out, log=print):
 
 # settings that do not change what a run computes: a resumed run may differ in them without a word
 BOOKKEEPING = {"out_dir", "resume", "workers", "log_every", "ckpt_every", "keep", "compile", "channels_last",
-               "find_unused", "dist_timeout"}
+               "find_unused", "dist_timeout", "log"}
 
 
 def resume(path, model, opt, method, config, cfg, log):

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import textwrap
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -166,11 +167,49 @@ def test_expert_succeeds_through_the_standard_action_path(tmp_path):
     assert results["seeds"] == [eval_sim.EVAL_SEED, eval_sim.EVAL_SEED + 2]
     assert (results["successes"], results["total"]) == (6, 6) and results["interval"][1] == 1.0
     assert json.loads((out / "results.json").read_text())["success"] == results["success"]
+    assert results["videos"] == {"reach-v3": "reach-v3.mp4", "button-press-topdown-v3": "button-press-topdown-v3.mp4"}
+    frames = decoded(out / "reach-v3.mp4")
+    assert len(frames) > 5 and frames[0].shape == (64, 64, 3)
+    assert all(border(f) == "green" for f in frames)  # the success border, on every frame
+
+
+def decoded(path):
+    """The frames of an mp4 as PyAV decodes them: uint8 (H, W, 3) each; its codec must be H.264 in yuv420p."""
+    import av
+    with av.open(str(path)) as video:
+        codec = video.streams.video[0].codec_context
+        assert (codec.name, codec.pix_fmt) == ("h264", "yuv420p")
+        return [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+
+
+def border(frame):
+    """'green' or 'red': the colour of a frame's border (its left edge, mid-height), within H.264's rounding."""
+    r, g, b = frame[frame.shape[0] // 2, 0].astype(int)
+    colour = "green" if g > 170 and r < 40 and b < 40 else "red" if r > 200 and g < 40 and b < 40 else None
+    assert colour, f"the border is {(r, g, b)}, neither green (0, 200, 0) nor red (230, 0, 0)"
+    return colour
+
+
+def test_video_of_odd_size_is_padded_to_even_and_keeps_its_border(tmp_path):
+    frames = [np.full((33, 31, 3), 128, np.uint8)] * 3  # H.264 in yuv420p needs an even width and height
+    eval_sim.save_video(frames, False, str(tmp_path / "odd.mp4"))
+    out = decoded(tmp_path / "odd.mp4")
+    assert len(out) == 3 and out[0].shape == (34, 32, 3) and border(out[-1]) == "red"
+    assert abs(int(out[0][17, 16, 0]) - 128) < 6  # the inside is the frame's own grey
+
+
+def test_without_an_h264_encoder_videos_are_gifs_and_it_is_said_once(tmp_path, monkeypatch, capsys):
+    # ~4 s: the expert on two tasks, one episode each; "import av" fails, as where PyAV is not installed
+    monkeypatch.setitem(sys.modules, "av", None)
+    results = eval_sim.evaluate(eval_sim.ExpertPolicy(), "reach-v3,drawer-close-v3", 1, out_dir=str(tmp_path),
+                                method="expert", size=32, workers=1)
+    assert results["videos"] == {"reach-v3": "reach-v3.gif", "drawer-close-v3": "drawer-close-v3.gif"}
+    assert capsys.readouterr().out.count("rollout videos are GIFs, not mp4: no H.264 encoder (ModuleNotFoundError") == 1
     from PIL import Image
-    gif = Image.open(out / "reach-v3.gif")
-    assert gif.size == (64, 64) and gif.n_frames > 5
+    gif = Image.open(tmp_path / "reach-v3.gif")
+    assert gif.size == (32, 32) and gif.n_frames > 5
     gif.seek(gif.n_frames - 1)
-    assert gif.convert("RGB").getpixel((0, 32)) == (0, 200, 0)  # the green success border
+    assert gif.convert("RGB").getpixel((0, 16)) == (0, 200, 0)  # the green success border, exact in a GIF
 
 
 def test_random_policy_scores_zero():
@@ -344,8 +383,9 @@ def test_a_policy_receives_only_the_views_it_declares(tmp_path):
     policy = ViewRecorder()
     eval_sim.evaluate(policy, "reach-v3", 1, out_dir=str(tmp_path), method="recorder", size=32, workers=1)
     assert policy.keys == {frozenset({"image_wrist", "state"})}
-    from PIL import Image
-    assert Image.open(tmp_path / "reach-v3.gif").n_frames == eval_sim.MAX_STEPS // eval_sim.VIDEO_EVERY + 1
+    frames = decoded(tmp_path / "reach-v3.mp4")
+    assert len(frames) == eval_sim.MAX_STEPS // eval_sim.VIDEO_EVERY + 1 and frames[0].shape == (32, 32, 3)
+    assert all(border(f) == "red" for f in frames)  # the failure border, on every frame
     pool = eval_sim.Workers(1, 32)
     try:  # the built-in policies read no image: nothing is drawn
         obs = pool.reset("reach-v3", [11], goal=False, cameras=lambda i: eval_sim.policy_views(eval_sim.RandomPolicy()))
@@ -372,3 +412,11 @@ def test_bf16_trained_policy_acts_in_bf16_and_returns_float32_actions():
     bf16 = eval_sim.act(policy, obs, ["x"] * 3)
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # bf16 ran
     np.testing.assert_allclose(bf16[:, :6], fp32[:, :6], atol=0.1)
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=rf"^eval_sim.py: --ckpt {tmp_path}/none.pt: no such checkpoint$"):
+        eval_sim.main(["export", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "export")])
+    with pytest.raises(SystemExit, match=rf"^eval_sim.py: --ckpt {tmp_path}: no config.json there; expected an "):
+        eval_sim.main(["evaluate", "--ckpt", str(tmp_path)])  # a folder that is not an export
+    assert not (tmp_path / "export").exists()

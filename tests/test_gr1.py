@@ -528,3 +528,26 @@ def test_policy_runs_in_metaworld():
     results = eval_sim.evaluate(policy, "reach-v3", 1, method="gr1", size=64, workers=1, video=False)
     assert set(results["success"]) == {"reach-v3"}
     assert policy.tokens.shape[:2] == (1, TINY.history)  # the window filled up to T steps
+
+
+def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, monkeypatch):
+    # eval_sim.py export, then the folder through eval_sim.load_policy (what evaluate --ckpt DIR calls)
+    import pickle
+    import eval_sim
+    torch.save({"method": "gr1", "model": tiny().state_dict(), "stats": [stats(), stats(4, "metaworld")], "step": 3,
+                "config": {**asdict(TINY), "vocabulary": VOCAB, "language": "learned", "clip_ckpt": None}},
+               tmp_path / "ckpt.pt")
+    eval_sim.main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")])
+    policy, _ = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the export was read with pickle"))
+    exported, method = eval_sim.load_policy(str(tmp_path / "export"))
+    assert method == "gr1" and isinstance(exported, gr1.Policy)
+    rng = np.random.default_rng(0)
+    for p in (policy, exported):
+        p.reset(2)
+    for _ in range(5):  # the window grows to 3 steps and chunks are executed: every step's action must match
+        obs = {"image_primary": rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8),
+               "image_wrist": rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8),
+               "state": rng.standard_normal((2, 4)).astype(np.float32)}
+        np.testing.assert_array_equal(exported.act(obs, VOCAB), policy.act(obs, VOCAB))

@@ -3,13 +3,16 @@ Bridge sample)."""
 import argparse
 import json
 import os
+import pickle
 import runpy
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -381,3 +384,175 @@ def test_method_command_lines_print_bad_input_as_one_line(method, tmp_path, caps
     assert e.value.code == 2
     assert capsys.readouterr().err == (f"{method}.py: {tmp_path / 'missing'}: no such file or directory (expected an "
                                        f"RLDS dataset or a CALVIN folder)\n")
+
+
+# --- --log tensorboard | wandb: the metrics rows, also to an experiment tracker -------------------------------------
+
+def rows(out):
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@bridge
+def test_log_tensorboard_holds_the_metrics_rows_over_a_resume(tmp_path):
+    # ~10 s: a run killed in step 8 (checkpoint at 5, rows 1-7 logged), resumed to 10, then an evaluation's rates
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    with pytest.raises(KeyboardInterrupt):
+        tiny_job.run(tmp_path, steps=10, dropout=0.3, log="tensorboard", crash_at=7)
+    tiny_job.run(tmp_path, steps=10, dropout=0.3, log="tensorboard")
+    cfg = train.TrainConfig(out_dir=str(tmp_path), steps=10, log="tensorboard")
+    train.log_evaluation(cfg, {"mean": 0.25, "success": {"reach-v3": 0.5, "push-v3": 0.0}})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    table = rows(tmp_path)
+    expected = {key: [(r["step"], np.float32(r[key])) for r in table] for key in table[0] if key != "step"}
+    assert set(expected) == {"loss", "mae", "grad_norm", "lr", "samples_per_s", "mfu"}
+    assert {tag: v for tag, v in logged.items() if not tag.startswith("eval/")} == expected  # steps 6-7 once, resumed
+    assert logged["eval/success"] == [(10, 0.25)] and logged["eval/success/reach-v3"] == [(10, 0.5)]
+
+
+def wandb_history(out):
+    """{step: the numbers logged at it} from the offline run folders in out/wandb, oldest first, and the run ids.
+    A .wandb file is a LevelDB-style log of protobuf records: a 7-byte file header, then 32 KiB blocks of records,
+    each with a 7-byte header (CRC-32C, length, type: 1 whole, 2 first, 3 middle, 4 last piece)."""
+    from wandb.proto import wandb_internal_pb2
+    history, ids = {}, []
+    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+        raw, pos, pieces = path.read_bytes(), 7, b""
+        assert raw[:4] == b":W&B", path
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+            pieces, pos = pieces + raw[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pieces)
+                pieces = b""
+                if record.WhichOneof("record_type") == "run":
+                    ids.append(record.run.run_id)
+                if record.WhichOneof("record_type") == "history":
+                    row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    row = {k: v for k, v in row.items() if not k.startswith("_")}  # wandb's own _step, _runtime
+                    history.setdefault(row["step"], {}).update(row)
+    return history, ids
+
+
+@bridge
+def test_log_wandb_offline_holds_the_metrics_rows_in_one_run_over_a_resume(tmp_path, monkeypatch):
+    # ~10 s: as the TensorBoard test, with wandb offline (no network): a run killed in step 8, resumed to 10
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(KeyboardInterrupt):
+        tiny_job.run(tmp_path, steps=10, log="wandb", crash_at=7)
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    tiny_job.run(tmp_path, steps=10, log="wandb")
+    train.log_evaluation(train.TrainConfig(out_dir=str(tmp_path), steps=10, log="wandb"),
+                         {"mean": 0.25, "success": {"reach-v3": 0.5}})
+    history, ids = wandb_history(tmp_path)
+    assert ids == [run_id] * 3  # the first run, its resume and the evaluation: one wandb run
+    evaluation = {k: history[10].pop(k) for k in ("eval/success", "eval/success/reach-v3")}
+    assert evaluation == {"eval/success": 0.25, "eval/success/reach-v3": 0.5}
+    assert history == {r["step"]: r for r in rows(tmp_path)}  # the resumed run's rows 6-7 logged last
+
+
+def test_log_without_its_package_is_one_line_naming_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    for tracker in ("wandb", "tensorboard"):
+        with pytest.raises(train.RunError, match=rf"^--log {tracker}: needs the {tracker} package \(.*\): "
+                                                 rf"pip install {tracker}$"):
+            train.open_tracker(train.TrainConfig(out_dir=str(tmp_path), log=tracker))
+    assert train.open_tracker(train.TrainConfig(out_dir=str(tmp_path))) is None  # --log none
+
+
+def test_log_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def init(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.raises(train.RunError, match=r"^--log wandb: wandb.init failed \(No API key configured. .*\); log in "
+                                             r"with `wandb login`, or set WANDB_MODE=offline to keep the run in "):
+        train.open_tracker(train.TrainConfig(out_dir=str(tmp_path), log="wandb"))
+
+
+def test_log_may_change_on_resume_without_a_warning():
+    old, new = asdict(train.TrainConfig()), asdict(train.TrainConfig(log="wandb"))
+    assert train.differences(new, old, skip=train.BOOKKEEPING) == []
+    assert train.differences(new, old) == ["log 'wandb' (checkpoint: 'none')"]
+
+
+@bridge
+def test_log_none_imports_no_tracker_and_tensorboard_no_tensorflow(tmp_path):
+    # ~15 s: one process runs tiny_job.py twice (2 steps each), first with --log none, then --log tensorboard
+    code = ("import json, runpy, sys\n"
+            "def job(*args):\n"
+            "    sys.argv = ['tiny_job.py', *args, '--steps', '2']\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "    return sorted(m for m in sys.modules if m.partition('.')[0] in ('tensorboard', 'wandb', 'tensorflow')"
+            " or m.startswith('torch.utils.tensorboard'))\n"
+            f"print(json.dumps([job({str(tmp_path / 'a')!r}),\n"
+            f"                  job({str(tmp_path / 'b')!r}, '--log', 'tensorboard')]))\n")
+    job = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == 0, job.stderr
+    none, tensorboard = json.loads(job.stdout.strip().splitlines()[-1])
+    assert none == []
+    assert "torch.utils.tensorboard" in tensorboard and not any(m.startswith("tensorflow") for m in tensorboard)
+    assert (tmp_path / "b" / "tensorboard").is_dir() and not (tmp_path / "a" / "tensorboard").exists()
+
+
+# --- export: safetensors + JSON, loaded back without pickle ---------------------------------------------------------
+
+def refuse_pickle(monkeypatch):
+    """Every way to unpickle raises from here on: an export must load without any."""
+    def refused(*args, **kwargs):
+        raise AssertionError("an export was read with pickle")
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(module, name, refused)
+
+
+def test_export_stores_shared_tensors_once_and_loads_back_without_pickle(tmp_path, monkeypatch):
+    tied = torch.arange(6.0).reshape(2, 3)  # e.g. an embedding and an output layer that share their weights
+    ckpt = {"method": "tiny", "config": {"width": 3, "sizes": (1, 2), "vocabulary": ["open the door"]},
+            "model": {"embed.weight": tied, "head.weight": tied, "head.bias": torch.ones(2, dtype=torch.bfloat16),
+                      "norm.num_batches_tracked": torch.tensor(4)},
+            "stats": [{"name": "x", "action": {"q01": [-1.0, 0.0], "q99": [1.0, 0.5]}}], "step": 7,
+            "instructions": ["open the door"], "amp_dtype": "bf16", "train_config": {"lr": 0.01},
+            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    out = train.export(tmp_path / "ckpt.pt", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "stats.json"]
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["embed.weight", "head.bias", "norm.num_batches_tracked"]  # the tied one once
+    config = json.loads((out / "config.json").read_text())
+    assert config["shared"] == {"head.weight": "embed.weight"} and "optimizer" not in config
+    refuse_pickle(monkeypatch)
+    back = train.load_checkpoint(out)
+    assert sorted(back) == ["amp_dtype", "config", "instructions", "method", "model", "stats", "step", "train_config"]
+    assert back["model"]["head.weight"] is back["model"]["embed.weight"]
+    assert torch.equal(back["model"]["head.weight"], tied)
+    assert back["model"]["head.bias"].dtype == torch.bfloat16 and back["model"]["norm.num_batches_tracked"].item() == 4
+    assert back["config"] == {"width": 3, "sizes": [1, 2], "vocabulary": ["open the door"]}  # JSON: a tuple is a list
+    assert (back["stats"], back["step"], back["amp_dtype"]) == (ckpt["stats"], 7, "bf16")
+
+
+def test_export_errors_name_the_file(tmp_path):
+    good = {"method": "tiny", "config": {}, "model": {"w": torch.ones(2)}, "stats": [{"name": "x"}], "step": 1}
+    torch.save(good | {"config": {"scale": torch.ones(1)}}, tmp_path / "tensor.pt")  # weights_only admits it
+    with pytest.raises(train.CheckpointError, match=r"tensor.pt: its config cannot be written as JSON \(Object of "
+                                                    r"type Tensor is not JSON serializable\)"):
+        train.export(tmp_path / "tensor.pt", tmp_path / "x")
+    torch.save(good, tmp_path / "ckpt.pt")
+    out = train.export(tmp_path / "ckpt.pt", tmp_path / "export")
+    (out / "stats.json").unlink()
+    with pytest.raises(train.CheckpointError, match=r"export: no stats.json there; expected an exported policy"):
+        train.load_checkpoint(out)
+    (out / "stats.json").write_text("[{]")
+    with pytest.raises(train.CheckpointError, match=r"export: not a readable export \(JSONDecodeError: "):
+        train.load_checkpoint(out)
+    (out / "stats.json").write_text("[]")
+    with pytest.raises(train.CheckpointError, match=r"export: not a nanorobot export \(stats is \[\], not a list"):
+        train.load_checkpoint(out)

@@ -41,8 +41,9 @@ def loss_fn(model, batch):
     return F.mse_loss(pred, target), {"mae": (pred - target).abs().mean()}
 
 
-def run(out, steps=10, dropout=0.0, width=32, crash_at=None, stall_at=None, stall_rank=0, log=print, **overrides):
-    """crash_at: raise KeyboardInterrupt in that loss call, as a killed job would stop; stall_at: rank
+def run(out, steps=10, dropout=0.0, width=32, crash_at=None, stall_at=None, stall_rank=0, say=print, **overrides):
+    """overrides: TrainConfig fields (log="tensorboard": --log; `say` is where train.train's lines go).
+    crash_at: raise KeyboardInterrupt in that loss call, as a killed job would stop; stall_at: rank
     stall_rank sleeps in that loss call, as a stopped (SIGSTOP) or hung process would."""
     torch.manual_seed(0)
     model = Tiny(dropout, width)
@@ -61,7 +62,7 @@ def run(out, steps=10, dropout=0.0, width=32, crash_at=None, stall_at=None, stal
             time.sleep(600)
         return loss_fn(net, batch)
 
-    return train.train(model, faulty, ds, cfg, method="tiny", config={"dropout": dropout, "width": width}, log=log)
+    return train.train(model, faulty, ds, cfg, method="tiny", config={"dropout": dropout, "width": width}, log=say)
 
 
 def main():
@@ -71,9 +72,10 @@ def main():
     p.add_argument("--stall_at", type=int, default=None)
     p.add_argument("--stall_rank", type=int, default=0)
     p.add_argument("--dist_timeout", type=int, default=None)
+    p.add_argument("--log", default="none")
     args = p.parse_args()
     timeout = {} if args.dist_timeout is None else {"dist_timeout": args.dist_timeout}
-    model = run(args.out, args.steps, stall_at=args.stall_at, stall_rank=args.stall_rank, **timeout)
+    model = run(args.out, args.steps, stall_at=args.stall_at, stall_rank=args.stall_rank, log=args.log, **timeout)
     if int(os.environ.get("RANK", 0)) == 0:
         torch.save(model.state_dict(), Path(args.out) / "final.pt")
 
