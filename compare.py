@@ -11,8 +11,9 @@ with its own evaluation off; then each kept snapshot is scored on mt10: the last
 the earlier ones with --curve_episodes (5). MCR is scored as its paper does, by the downstream test (a frozen
 encoder + an MLP fit to the same demonstrations: `mcr.py --downstream`) of each pre-training snapshot; its
 baseline row is the same test of an untrained encoder. The scripted expert and random actions are references.
-Everything lands in the run folders: stopped at any moment, a second call resumes each run where it stopped
-and evaluates only what has no results.json yet.
+Every run's final score comes first, then the curves' earlier points (the long part: a stopped call leaves
+whole final numbers). Everything lands in the run folders: stopped at any moment, a second call resumes each
+run where it stopped and evaluates only what has no results.json yet.
 """
 import argparse
 import json
@@ -91,15 +92,16 @@ def score(row, seed, out, step, path, episodes, video):
         eval_sim.evaluate(policy, TASKS, episodes, str(results.parent), video=video, method=row)
 
 
-def do_row(row, seed, episodes, curve_episodes, root):
-    """Train one row's run for one seed, then score each of its snapshots that has no results yet."""
+def do_row(row, seed, episodes, curve_episodes, root, curve):
+    """Train one row's run for one seed and score its last snapshot; with `curve`, its earlier snapshots."""
     out = root / f"{row}_s{seed}"
     if row in METHODS:
         train_row(row, seed, out)
     snaps = kept(row, out)
     for step in sorted(snaps):
         last = step == max(snaps)
-        score(row, seed, out, step, snaps[step], episodes if last else curve_episodes, video=last)
+        if last != curve:
+            score(row, seed, out, step, snaps[step], episodes if last else curve_episodes, video=last)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,11 +195,12 @@ def main(argv=None):
     if not args.table:
         if any(r in METHODS for r in rows):
             eval_sim.default_data()  # collected once, before any timing starts
-        for seed in args.seeds:  # seed by seed: a stopped call leaves whole first seeds
-            for row in rows:
-                if row in ("expert", "random") and seed != args.seeds[0]:
-                    continue  # references: one seed
-                do_row(row, seed, args.episodes, args.curve_episodes, root)
+        for curve in (False, True):  # every run's final score first, then the curves' earlier points
+            for seed in args.seeds:  # seed by seed: a stopped call leaves whole first seeds
+                for row in rows:
+                    if row in ("expert", "random") and seed != args.seeds[0]:
+                        continue  # references: one seed
+                    do_row(row, seed, args.episodes, args.curve_episodes, root, curve)
     found = collect(rows, args.seeds, root)
     print(table(found, args.seeds))
     references = {NAMES[r]: np.mean([p[-1]["results"]["mean"] for p in found[r].values()])
