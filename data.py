@@ -1088,35 +1088,41 @@ SEEK_GAP_S = 1.0      # wanted frames further apart than this are reached by ano
 
 
 def open_video(path):
-    """An open PyAV container with one decoding thread (DataLoader workers are the parallelism, as for JPEGs). PyAV's
-    wheels bundle FFmpeg with the dav1d AV1 decoder; torchcodec, LeRobot's default decoder, needs a system FFmpeg,
-    which this machine and CI lack (LeRobot falls back to PyAV there too)."""
+    """(an open PyAV container with one decoding thread, a reformatter that keeps its conversion context) for a
+    video. One thread: DataLoader workers are the parallelism, as for JPEGs. PyAV's wheels bundle FFmpeg with the
+    dav1d AV1 decoder; torchcodec, LeRobot's default decoder, needs a system FFmpeg, which this machine and CI lack
+    (LeRobot falls back to PyAV there too)."""
     import av
+    from av.video.reformatter import VideoReformatter
     try:
         container = av.open(str(path))
         container.streams.video[0].codec_context.thread_count = 1
     except (OSError, av.error.FFmpegError, IndexError) as e:
         raise DataError(f"{path}: cannot open the video ({type(e).__name__}: {e}); expected an mp4 as LeRobot "
                         f"writes it") from e
-    return container
+    return container, VideoReformatter()  # frame.to_ndarray(format=) would set up a new context each time (10x)
 
 
-def video_frames(container, path, times, tolerance=TOLERANCE_S):
-    """The frames of an open video at `times` (s in the file), uint8 (3, H, W) each, by LeRobot's rule
+def video_frames(video, path, times, tolerance=TOLERANCE_S):
+    """The frames of an open video (open_video) at `times` (s in the file), uint8 (3, H, W) each, by LeRobot's rule
     (video_utils.decode_video_frames_pyav): seek to the keyframe at or before the earliest time, decode forward once
     up to the first frame at or after the latest, and take for each time the decoded frame whose pts is nearest;
-    one farther than `tolerance` is refused. Times more than SEEK_GAP_S apart get a seek each."""
+    one farther than `tolerance` is refused. LeRobot seeks one tick of the time base earlier, which returns the same
+    frames (the nearest frame is never before a keyframe at or before the time rounded to ticks) but decodes a
+    whole GOP more whenever the time is a keyframe's. Times more than SEEK_GAP_S apart get a seek each."""
+    container, reformatter = video
     stream = container.streams.video[0]
+    base = float(stream.time_base)
     times = np.asarray(times, np.float64)
     order = np.argsort(times, kind="stable")
     out = [None] * len(times)
     for group in np.split(order, np.flatnonzero(np.diff(times[order]) > SEEK_GAP_S) + 1):
         want = times[group]
-        container.seek(round(want[0] / stream.time_base) - 1, backward=True, any_frame=False, stream=stream)
+        container.seek(round(want[0] / base), backward=True, any_frame=False, stream=stream)
         pts, frames = [], []
         for frame in container.decode(stream):
             if frame.pts is not None:
-                pts.append(float(frame.pts * stream.time_base))
+                pts.append(frame.pts * base)
                 frames.append(frame)
                 if pts[-1] >= want[-1]:
                     break
@@ -1131,7 +1137,7 @@ def video_frames(container, path, times, tolerance=TOLERANCE_S):
         rgb = {}
         for j, n in zip(group.tolist(), near.tolist()):
             if n not in rgb:  # converted once, only the frames asked for
-                rgb[n] = torch.from_numpy(frames[n].to_ndarray(format="rgb24")).permute(2, 0, 1)
+                rgb[n] = torch.from_numpy(reformatter.reformat(frames[n], format="rgb24").to_ndarray()).permute(2, 0, 1)
             out[j] = rgb[n]
     return out
 
@@ -1210,7 +1216,7 @@ class Source:
         video = self._videos.pop(key) if key in self._videos else open_video(key[1])
         self._videos[key] = video  # the most recently used last
         if len(self._videos) > MAX_OPEN_VIDEOS:
-            self._videos.pop(next(iter(self._videos))).close()
+            self._videos.pop(next(iter(self._videos)))[0].close()
         return video
 
 
@@ -1569,11 +1575,11 @@ def frame_caches(sources, views, size, interpolation, mode):
     if new > free:
         if mode == "on":
             raise DataError(f"cache_frames='on': {what}: not enough free disk in {sources[0].cache.parent}")
-        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from the JPEGs")
+        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from their files")
         return {}
     if mode == "auto" and need > FRAME_CACHE_BUDGET:
         log(f"decoded-frame cache off (auto: {what} > FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB); "
-            f"frames are decoded from the JPEGs")
+            f"frames are decoded from their files")
         return {}
     log(f"decoded-frame cache on ({mode}: {what}" + (f" <= FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB"
                                                      if mode == "auto" else "") + ")")
@@ -1641,7 +1647,7 @@ def main(argv=None):
     samples, frames, workers = bench(ds, workers=args.workers)
     print(f"{samples:,.0f} samples/s, {frames:,.0f} decoded+resized frames/s ({workers} workers, "
           f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)}, frames from "
-          f"{'the decoded-frame cache' if ds.frame_caches else 'the JPEGs'})")
+          f"{'the decoded-frame cache' if ds.frame_caches else 'the encoded files (JPEG, PNG or video)'})")
 
 
 if __name__ == "__main__":
