@@ -144,6 +144,15 @@ def test_seeking_reader_equals_a_sequential_decode_at_every_step(lerobot):
             assert all(torch.equal(a, ref[i]) for a, i in zip(s.images(view, idx), idx))
 
 
+def test_h264_videos_read_too(tmp_path):
+    """The fixtures' fallback codec, H.264 (libx264, GOP 2: its dts run a frame behind its pts): the same rule and
+    pixels."""
+    root = fixtures.write_lerobot_v30(tmp_path / "h264", num_episodes=3, codec="libx264")
+    s, ref = source(root), reference_frames("v3.0", root, fixtures.LEROBOT_CAMERAS[0])
+    assert [fixtures.lerobot_frame_id(f) for f in s.images("primary", list(range(len(s))))] == list(range(len(s)))
+    assert all(torch.equal(s.image("primary", i), ref[i]) for i in range(len(s)))
+
+
 def test_windows_equal_frame_by_frame_decoding(lerobot_v30_path):
     ds = data.load(str(lerobot_v30_path), history=4, views=("primary", "wrist"), image_size=24, future=3,
                    cache_frames="off")
