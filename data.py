@@ -4,6 +4,8 @@ Reads, without TensorFlow:
   * RLDS as TFDS writes it (Open X-Embodiment, DROID, and what eval_sim.py collects from MetaWorld):
     <dir>/<version>/{dataset_info.json, features.json, <name>-<split>.tfrecord-*}
   * CALVIN: <root>/{training,validation}/episode_XXXXXXX.npz + ep_start_end_ids.npy + lang_annotations/
+  * LeRobot v3.0 and v2.1 (huggingface/lerobot): <root>/meta/info.json, parquet frames, mp4 videos read by
+    timestamp (or hf:ORG/NAME, a dataset already in the local Hugging Face cache)
 
 Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
   1. prepare(): one pass over the files (checking every record's CRC-32C and every shard's length, as
@@ -20,7 +22,9 @@ Two stages, as nanoGPT's prepare.py + memmap (see ../shared/DESIGN.md):
     python data.py PATH --bench    # samples/s and decoded frames/s
 """
 import argparse
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -32,6 +36,7 @@ import time
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -505,6 +510,15 @@ def _text(ep, spec):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def check_finite(where, **arrays):
+    """Refuse NaN or infinite actions and states, naming the first bad step and dimension."""
+    for name, arr in arrays.items():
+        bad = np.argwhere(~np.isfinite(arr))
+        if len(bad):
+            raise DataError(f"{where}: {name} is not finite at step {bad[0][0]} (dim {bad[0][1]}); "
+                            f"expected finite numbers")
+
+
 def standardize(ep, m, where):
     """Episode -> dict of standard numpy arrays + image pointers, checked for the usual corruptions."""
     T = len(ep["is_first"]) if "steps/is_first" in ep.features else None
@@ -517,11 +531,7 @@ def standardize(ep, m, where):
     keep = T - m.trim_end
     out = {"state": state[:keep], "action": action[:keep], "instruction": _text(ep, m.instruction),
            "embedding": ep[m.embedding][0].astype(np.float32) if m.embedding else None}
-    for name, arr in (("action", out["action"]), ("state", out["state"])):
-        bad = np.argwhere(~np.isfinite(arr))
-        if len(bad):
-            raise DataError(f"{where}: {name} is not finite at step {bad[0][0]} (dim {bad[0][1]}); "
-                            f"expected finite numbers")
+    check_finite(where, action=out["action"], state=out["state"])
     for view in VIEWS:
         key = getattr(m, view)
         if key is not None:
@@ -537,13 +547,17 @@ def cache_root():
 
 
 def detect(path):
-    """('rlds', version dir) or ('calvin', split root) for a path, or a clear error."""
+    """('rlds', version dir), ('calvin', split root) or ('lerobot', root) for a path or hf:ORG/NAME, or a clear
+    error."""
     if str(path).startswith(("gs://", "s3://", "http://", "https://")):
         raise DataError(f"{path}: remote paths are not read directly; copy the dataset to a local disk first "
                         f"(e.g. gsutil -m cp -r {path} ./data/) and pass the local folder")
-    p = Path(path).expanduser()
+    p = hf_snapshot(str(path)[3:]) if str(path).startswith("hf:") else Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or directory (expected an RLDS dataset or a CALVIN folder)")
+        raise DataError(f"{p}: no such file or directory (expected an RLDS dataset, a CALVIN folder or a LeRobot "
+                        f"dataset)")
+    if (p / "meta" / "info.json").exists():
+        return "lerobot", p
     if (p / "dataset_info.json").exists():
         return "rlds", p
     versions = sorted((d for d in p.iterdir() if (d / "dataset_info.json").exists()),
@@ -553,8 +567,8 @@ def detect(path):
     if (p / "ep_start_end_ids.npy").exists() or (p / "training").is_dir() or (p / "validation").is_dir():
         return "calvin", p
     raise DataError(f"{p}: no known format. Expected RLDS (dataset_info.json + features.json + *.tfrecord-*, "
-                    f"in this folder or a version folder below it) or CALVIN (training/ or validation/ with "
-                    f"episode_XXXXXXX.npz and ep_start_end_ids.npy)")
+                    f"in this folder or a version folder below it), CALVIN (training/ or validation/ with "
+                    f"episode_XXXXXXX.npz and ep_start_end_ids.npy) or LeRobot (meta/info.json, data/, videos/)")
 
 
 def _prepare_shard(args):
@@ -673,6 +687,307 @@ def _calvin_episodes(root, split, all_frames):
     return folder, episodes
 
 
+# LeRobot (huggingface/lerobot, src/lerobot/datasets/: utils.py, dataset_metadata.py, dataset_reader.py,
+# video_utils.py). meta/info.json names the layout. v3.0: meta/episodes/chunk-*/file-*.parquet (per episode: its
+# length, its data file and, per camera, its video file and from_timestamp), meta/tasks.parquet, several episodes per
+# data/*.parquet and per videos/<camera>/*.mp4 (a frame lies at from_timestamp + timestamp in its file). v2.1:
+# meta/episodes.jsonl, meta/tasks.jsonl, one parquet and one mp4 per episode. Frames stay in the videos: Source
+# decodes them by timestamp.
+
+LEROBOT_VERSIONS = ("v3.0", "v2.1")
+CAMERA_DTYPES = ("video", "image")
+TOLERANCE_S = 1e-4  # LeRobotDataset's tolerance_s (its default and lerobot-train's): the frame nearest a timestamp
+                    # must lie within 0.1 ms of it (MultiLeRobotDataset alone allows 1 / fps - 1e-4)
+
+
+def hf_snapshot(repo):
+    """hf:ORG/NAME -> the dataset's snapshot folder in the local Hugging Face cache ($HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub; datasets--ORG--NAME/refs/main names the commit under snapshots/).
+    Nothing is downloaded."""
+    if len(repo.split("/")) != 2 or not all(repo.split("/")):
+        raise DataError(f"hf:{repo}: expected hf:ORG/NAME, a dataset repository of the Hugging Face Hub")
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    folder = Path(os.environ.get("HF_HUB_CACHE") or home / "hub").expanduser() / f"datasets--{repo.replace('/', '--')}"
+    ref = folder / "refs" / "main"
+    snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    if snapshot is None or not snapshot.is_dir():
+        raise DataError(f"hf:{repo}: not in the local Hugging Face cache ({folder}); download it first with: "
+                        f"hf download {repo} --repo-type dataset")
+    return snapshot
+
+
+def lerobot_info(root):
+    """meta/info.json, checked for what is read from it."""
+    path = Path(root) / "meta" / "info.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read LeRobot's dataset info ({e}); expected a JSON object") from e
+    version = info.get("codebase_version") if isinstance(info, dict) else None
+    if version not in LEROBOT_VERSIONS:
+        raise DataError(f"{path}: codebase_version {version!r}; data.py reads LeRobot datasets of codebase_version "
+                        f"{' and '.join(LEROBOT_VERSIONS)}")
+    features = info.get("features")
+    if not isinstance(features, dict) or not all(isinstance(f, dict) and "dtype" in f for f in features.values()):
+        raise DataError(f"{path}: 'features' is {json.dumps(features)[:80]}; expected {{key: {{dtype, shape, ...}}}}")
+    need = ["fps", "data_path"] + ["chunks_size"] * (version == "v2.1")
+    need += ["video_path"] * any(f["dtype"] == "video" for f in features.values())
+    for key in need:
+        if not info.get(key):
+            raise DataError(f"{path}: no '{key}'; expected LeRobot {version}'s info.json (codebase_version, fps, "
+                            f"features, data_path, video_path, chunks_size, ...)")
+    return info
+
+
+def _template(root, info, key, **fields):
+    """root / info.json's data_path or video_path, filled in."""
+    try:
+        return root / info[key].format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(f"{root / 'meta' / 'info.json'}: {key} '{info[key]}' does not format with "
+                        f"{', '.join(fields)} ({type(e).__name__}: {e}); expected LeRobot "
+                        f"{info['codebase_version']}'s template") from e
+
+
+def _jsonl(path, keys):
+    """The rows of a JSON-lines file, each checked for `keys`."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read ({e}); expected one JSON object per line") from e
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            raise DataError(f"{path}: line {n + 1} is {json.dumps(row)[:80]}; expected an object with "
+                            f"{', '.join(keys)}")
+    return rows
+
+
+def _parquet(path, columns=None, hints=None):
+    """The columns (default: all) of a parquet file; a missing one is named, with its flag (hints) and every column
+    the file has."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns or () if c not in names]
+        if not missing:
+            return pq.read_table(path, columns=None if columns is None else list(dict.fromkeys(columns)))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read the parquet file ({type(e).__name__}: {e})") from e
+    raise DataError(f"{path}: no column '{missing[0]}'{(hints or {}).get(missing[0], '')}; it has: {', '.join(names)}")
+
+
+def _numbers(table, key, path):
+    """A column of numbers or of equal-length lists of numbers (HF datasets' Value, Sequence) -> float32 (n, d)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    col, types = table.column(key).combine_chunks(), pa.types
+    number = lambda t: types.is_integer(t) or types.is_floating(t) or types.is_boolean(t)
+    if types.is_list(col.type) or types.is_large_list(col.type) or types.is_fixed_size_list(col.type):
+        sizes = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        if number(col.type.value_type) and len(np.unique(sizes)) <= 1:
+            return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+    elif number(col.type):
+        return col.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 1)
+    raise DataError(f"{path}: column '{key}' holds {col.type}; expected numbers or equal-length lists of numbers")
+
+
+def lerobot_mapping(info, keys, path):
+    """({view: camera key}, state keys, action key): the flags' choice, else LeRobot's names: observation.state,
+    action, and the cameras (features of dtype video or image, not depth maps): one whose name contains 'wrist' or
+    'hand' is the wrist view, the first other one (sorted) primary, the next secondary. Any camera flag names all
+    the cameras read."""
+    features = info["features"]
+    depth = lambda f: (f.get("info") or {}).get("video.is_depth_map") or (f.get("info") or {}).get("is_depth_map")
+    cameras = sorted(k for k, f in features.items() if f["dtype"] in CAMERA_DTYPES and not depth(f))
+    numbers = sorted(k for k, f in features.items() if f["dtype"] not in (*CAMERA_DTYPES, "string"))
+    keys = {k: v for k, v in (keys or {}).items() if v}
+    if "instruction_key" in keys:
+        raise DataError(f"--instruction_key {keys['instruction_key']}: a LeRobot episode's instruction is its task "
+                        f"(meta/tasks); expected no --instruction_key for {path.parent.parent}")
+    flags = {"image_key": "primary", "secondary_key": "secondary", "wrist_key": "wrist"}
+    if any(flag in keys for flag in flags):
+        views = {view: keys[flag] for flag, view in flags.items() if flag in keys}
+    else:
+        wrist = [c for c in cameras if "wrist" in c.lower() or "hand" in c.lower()][:1]
+        views = {**dict(zip(("primary", "secondary"), [c for c in cameras if c not in wrist])),
+                 **dict(zip(("wrist",), wrist))}
+    for flag, view in flags.items():
+        if view in views and views[view] not in cameras:
+            f = features.get(views[view])
+            what = "no such feature" if f is None else f"a {f['dtype']} feature"
+            raise DataError(f"--{flag} {views[view]}: {what} in {path}; expected a camera (dtype video or image): "
+                            f"{', '.join(cameras) or 'none'}")
+    state = keys["state_key"].split("+") if "state_key" in keys else [k for k in ["observation.state"] if k in features]
+    action = keys.get("action_key", "action")
+    for flag, key in [("state_key", k) for k in state] + [("action_key", action)]:
+        if features.get(key, {}).get("dtype") in (*CAMERA_DTYPES, "string"):
+            raise DataError(f"--{flag} {key}: a {features[key]['dtype']} feature in {path}; expected numbers, such "
+                            f"as: {', '.join(numbers)}")
+    return views, state, action
+
+
+def lerobot_episodes(root, info, split, video_keys):
+    """The split's episodes in order: {index, length, data: parquet file, videos: {key: (mp4, from_timestamp)}}."""
+    if info["codebase_version"] == "v3.0":
+        files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not files:
+            raise DataError(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet; expected LeRobot v3.0's "
+                            f"episode metadata")
+        where = [f"videos/{k}/{c}" for k in video_keys for c in ("chunk_index", "file_index", "from_timestamp")]
+        rows = [r for f in files for r in _parquet(f, ["episode_index", "length", "data/chunk_index",
+                                                       "data/file_index", *where]).to_pylist()]
+        data = lambda r: _template(root, info, "data_path", chunk_index=r["data/chunk_index"],
+                                   file_index=r["data/file_index"])
+        video = lambda r, k: (_template(root, info, "video_path", video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
+                                        file_index=r[f"videos/{k}/file_index"]), r[f"videos/{k}/from_timestamp"])
+    else:  # v2.1: one file per episode, in chunk folders of chunks_size episodes
+        rows = _jsonl(root / "meta" / "episodes.jsonl", ("episode_index", "length"))
+        chunk = lambda r: r["episode_index"] // int(info["chunks_size"])
+        data = lambda r: _template(root, info, "data_path", episode_chunk=chunk(r), episode_index=r["episode_index"])
+        video = lambda r, k: (_template(root, info, "video_path", episode_chunk=chunk(r), video_key=k,
+                                        episode_index=r["episode_index"]), 0.0)
+    episodes = [{"index": r["episode_index"], "length": r["length"], "data": data(r),
+                 "videos": {k: video(r, k) for k in video_keys}} for r in rows]
+    splits = info.get("splits") or {"train": f"0:{max((e['index'] for e in episodes), default=-1) + 1}"}
+    if split not in splits:
+        raise DataError(f"{root / 'meta' / 'info.json'}: no split '{split}'; it has {sorted(splits)}")
+    try:
+        lo, hi = (int(x) for x in str(splits[split]).split(":"))
+    except ValueError as e:
+        raise DataError(f"{root / 'meta' / 'info.json'}: split '{split}' is {splits[split]!r}; expected 'FROM:TO' "
+                        f"(episode indices)") from e
+    return sorted((e for e in episodes if lo <= e["index"] < hi), key=lambda e: e["index"])
+
+
+def lerobot_tasks(root, version):
+    """{task_index: task}: meta/tasks.parquet (v3.0; pandas writes the task strings as its index column 'task') or
+    meta/tasks.jsonl (v2.1)."""
+    if version == "v2.1":
+        rows = _jsonl(root / "meta" / "tasks.jsonl", ("task_index", "task"))
+        return {int(r["task_index"]): str(r["task"]) for r in rows}
+    path = root / "meta" / "tasks.parquet"
+    names = _parquet(path).column_names
+    text = "__index_level_0__" if "task" not in names and "__index_level_0__" in names else "task"  # unnamed index
+    table = _parquet(path, ["task_index", text])
+    return dict(zip(table.column("task_index").to_pylist(), map(str, table.column(text).to_pylist())))
+
+
+def video_times(path):
+    """Sorted presentation times (s) of every frame of a video, from its packets (demuxed, not decoded)."""
+    import av
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return np.sort([float(p.pts * stream.time_base) for p in container.demux(stream) if p.pts is not None])
+    except (OSError, av.error.FFmpegError, IndexError) as e:
+        raise DataError(f"{path}: cannot read the video ({type(e).__name__}: {e}); expected an mp4 as LeRobot "
+                        f"writes it") from e
+
+
+def nearest(times, queries):
+    """Index of the entry of sorted `times` nearest each query, the earlier one on a tie (LeRobot's argmin)."""
+    if len(times) == 1:
+        return np.zeros(len(queries), np.int64)
+    j = np.searchsorted(times, queries).clip(1, len(times) - 1)
+    return np.where(queries - times[j - 1] <= times[j] - queries, j - 1, j)
+
+
+def _video_pointers(files, times, video, start, timestamps, what):
+    """An episode's frames in a video -> (n, 2) pointers (number of the video in `files`, time in it: from_timestamp
+    + timestamp), each time checked against the video's frame times (demuxed once, kept in `times`) as training will
+    decode it: a frame within LeRobot's tolerance."""
+    if video not in times:
+        if not video.is_file():
+            raise DataError(f"{video}: missing ({what}, from info.json's video_path); expected every video of the "
+                            f"dataset")
+        times[video] = video_times(video)
+    files.setdefault(str(video), len(files))
+    t = float(start) + timestamps.astype(np.float64)
+    pts = times[video][nearest(times[video], t)]
+    bad = np.flatnonzero(np.abs(pts - t) > TOLERANCE_S)
+    if len(bad):
+        raise DataError(f"{video}: no frame within {TOLERANCE_S} s of {t[bad[0]]:.4f} s ({what}, frame {bad[0]}: "
+                        f"from_timestamp {float(start):.4f} + timestamp {t[bad[0]] - float(start):.4f}; nearest frame "
+                        f"at {pts[bad[0]]:.4f} s); expected a frame at every timestamp (LeRobot's tolerance_s)")
+    return np.stack([np.full(len(t), files[str(video)], np.float64), t], 1)
+
+
+def _blob_pointers(blob, column, where, key):
+    """An episode's encoded images (LeRobot's struct {bytes, path}), appended to an open blob file -> (n, 4) pointers
+    (file 0, offset, length, CRC-32C), as RLDS JPEGs are pointed to."""
+    import pyarrow as pa
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("bytes") < 0:
+        raise DataError(f"{where}: column '{key}' holds {column.type}; expected LeRobot's image struct {{bytes, path}}")
+    pointers = []
+    for n, data in enumerate(column.field("bytes").to_pylist()):
+        if not data:
+            raise DataError(f"{where}: frame {n} of '{key}' has no embedded image bytes; expected PNG or JPEG bytes "
+                            f"in the parquet file, as LeRobot writes them")
+        pointers.append((0, blob.tell(), len(data), google_crc32c.value(data)))
+        blob.write(data)
+    return np.array(pointers, np.int64).reshape(-1, 4)
+
+
+def _episode_rows(column, ep, where):
+    """The rows of an episode in its data file's columns, checked against the episode metadata."""
+    rows = np.flatnonzero(column["episode_index"] == ep["index"])
+    if len(rows) != ep["length"] or len(rows) == 0:
+        raise DataError(f"{where}: {len(rows)} frames, but the episode metadata says length {ep['length']}; "
+                        f"expected the same, at least 1")
+    if not np.array_equal(column["frame_index"][rows], np.arange(len(rows))):
+        raise DataError(f"{where}: frame_index is not 0..{len(rows) - 1} in order; expected LeRobot's frames")
+    return rows
+
+
+def _lerobot_episodes(root, split, keys, blobs):
+    """LeRobot episodes as standard arrays + frame pointers, and the source's meta. A video frame's pointer is
+    (file, time in the file); an image-dtype camera's PNG/JPEG bytes are copied once into blobs/blob_<view>.bin."""
+    info = lerobot_info(root)
+    views, state_keys, action_key = lerobot_mapping(info, keys, root / "meta" / "info.json")
+    kinds = {v: info["features"][k]["dtype"] for v, k in views.items()}
+    images = {v: k for v, k in views.items() if kinds[v] == "image"}
+    episodes = lerobot_episodes(root, info, split, [k for v, k in views.items() if v not in images])
+    if not episodes:
+        raise DataError(f"{root}: split '{split}' has no episodes")
+    tasks = lerobot_tasks(root, info["codebase_version"])
+    hint = lambda flag: f" (--{flag})" if (keys or {}).get(flag) else f" (LeRobot's name; give another with --{flag})"
+    hints = {**{k: hint("state_key") for k in state_keys}, action_key: hint("action_key")}
+    files, times, out = {v: {} for v in views}, {}, []  # per view {video: its number}; {video: its frame times}
+    with contextlib.ExitStack() as stack:
+        blob = {v: stack.enter_context(open(Path(blobs) / f"blob_{v}.bin", "wb")) for v in images}
+        for data, group in itertools.groupby(episodes, key=lambda e: e["data"]):
+            table = _parquet(data, [*state_keys, action_key, "episode_index", "frame_index", "timestamp",
+                                    "task_index", *images.values()], hints)
+            numbers = {k: _numbers(table, k, data) for k in (*state_keys, action_key)}
+            column = {k: table.column(k).to_numpy() for k in ("episode_index", "frame_index", "timestamp",
+                                                               "task_index")}
+            encoded = {v: table.column(k).combine_chunks() for v, k in images.items()}
+            for ep in group:
+                where = f"{data} (episode {ep['index']})"
+                rows = _episode_rows(column, ep, where)
+                task = int(column["task_index"][rows[0]])  # LeRobot's instruction: the task of the episode's start
+                if task not in tasks:
+                    raise DataError(f"{where}: task_index {task} is not in the dataset's tasks {sorted(tasks)}")
+                state = [numbers[k][rows] for k in state_keys] or [np.zeros((len(rows), 0), np.float32)]
+                std = {"state": np.concatenate(state, 1), "action": numbers[action_key][rows],
+                       "instruction": tasks[task], "embedding": None}
+                check_finite(where, action=std["action"], state=std["state"])
+                for view, key in views.items():
+                    std[view] = (_blob_pointers(blob[view], encoded[view].take(rows), where, key) if view in images
+                                 else _video_pointers(files[view], times, *ep["videos"][key], column["timestamp"][rows],
+                                                      f"the {key} video of episode {ep['index']}"))
+                out.append(std)
+    files = {v: [f"blob_{v}.bin"] if v in images else list(files[v]) for v in views}
+    return out, {"format": "lerobot", "version": info["codebase_version"], "root": str(root), "fps": info["fps"],
+                 "cameras": views, "kinds": kinds, "files": files}
+
+
+def _lerobot_name(root):
+    """hf snapshots (.../datasets--ORG--NAME/snapshots/<commit>) are named ORG--NAME, other folders by their name."""
+    return root.parent.parent.name[len("datasets--"):] if root.parent.name == "snapshots" else root.name
+
+
 def _fingerprint(files, *extra):
     h = hashlib.sha1(repr((CACHE_VERSION, extra)).encode())
     for f in files:
@@ -698,6 +1013,9 @@ def prepare(path, split="train", keys=None, calvin_all_frames=False, workers=Non
     if fmt == "rlds":
         name, shards, lengths = rlds_shards(root, split)
         files = [root / "dataset_info.json", root / "features.json", *shards]
+    elif fmt == "lerobot":
+        root, name = Path(os.path.abspath(root)), _lerobot_name(root)
+        files = sorted(f for d in ("meta", "data", "videos") for f in (root / d).rglob("*") if f.is_file())
     else:
         name, shards = "calvin", []
         folder = root / {"train": "training", "val": "validation"}.get(split, split)
@@ -706,7 +1024,7 @@ def prepare(path, split="train", keys=None, calvin_all_frames=False, workers=Non
     out = cache_root() / f"{name}-{split}-{key}"
     if (out / "meta.json").exists():
         return out
-    t0 = time.time()
+    t0, tmp = time.time(), None
     if fmt == "rlds":
         jobs = [(str(root), str(s), i, name, keys, n) for i, (s, n) in enumerate(zip(shards, lengths))]
         workers = min(len(jobs), workers or os.cpu_count() or 1)
@@ -716,19 +1034,27 @@ def prepare(path, split="train", keys=None, calvin_all_frames=False, workers=Non
         else:
             episodes = [e for job in jobs for e in _prepare_shard(job)]
         source = {"format": "rlds", "files": [str(s) for s in shards]}
+    elif fmt == "lerobot":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))  # image blobs are written first
+        try:
+            episodes, source = _lerobot_episodes(root, split, keys, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     else:
         folder, episodes = _calvin_episodes(root, split, calvin_all_frames)
         source = {"format": "calvin", "folder": str(folder)}
     episodes = [e for e in episodes if len(e["action"])]
     if not episodes:
         raise DataError(f"{root}: split '{split}' has no usable episodes")
-    _write_cache(out, name, source, episodes, time.time() - t0)
+    _write_cache(out, name, source, episodes, time.time() - t0, tmp)
     return out
 
 
-def _write_cache(out, name, source, episodes, seconds):
+def _write_cache(out, name, source, episodes, seconds, tmp=None):
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = tmp or Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     lengths = np.array([len(e["action"]) for e in episodes])
     state = np.concatenate([e["state"] for e in episodes])
     action = np.concatenate([e["action"] for e in episodes])
@@ -743,7 +1069,8 @@ def _write_cache(out, name, source, episodes, seconds):
     if all(e["embedding"] is not None for e in episodes):
         np.save(tmp / "embedding.npy", np.stack([e["embedding"] for e in episodes]))
     stats = {"name": name, "num_episodes": len(episodes), "num_steps": int(lengths.sum()),
-             "state": statistics(state), "action": statistics(action)}
+             "state": statistics(state), "action": statistics(action),
+             **({"fps": source["fps"]} if "fps" in source else {})}  # LeRobot's frame rate, kept
     meta = {"name": name, "source": source, "views": views, "instructions": instructions,
             "stats": stats, "prepare_seconds": round(seconds, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta))
@@ -756,10 +1083,71 @@ def _write_cache(out, name, source, episodes, seconds):
 # ---------------------------------------------------------------------------------------------------
 # 5. A prepared source: random access to steps and images
 
+MAX_OPEN_VIDEOS = 64  # open containers kept per process (LeRobot keeps 100 decoders); the least recently used is closed
+SEEK_GAP_S = 1.0      # wanted frames further apart than this are reached by another seek, not by decoding between them
+
+
+def open_video(path):
+    """(an open PyAV container with one decoding thread, a reformatter that keeps its conversion context) for a
+    video. One thread: DataLoader workers are the parallelism, as for JPEGs. PyAV's wheels bundle FFmpeg with the
+    dav1d AV1 decoder; torchcodec, LeRobot's default decoder, needs a system FFmpeg, which this machine and CI lack
+    (LeRobot falls back to PyAV there too)."""
+    import av
+    from av.video.reformatter import VideoReformatter
+    try:
+        container = av.open(str(path))
+        container.streams.video[0].codec_context.thread_count = 1
+    except (OSError, av.error.FFmpegError, IndexError) as e:
+        raise DataError(f"{path}: cannot open the video ({type(e).__name__}: {e}); expected an mp4 as LeRobot "
+                        f"writes it") from e
+    return container, VideoReformatter()  # frame.to_ndarray(format=) would set up a new context each time (10x)
+
+
+def video_frames(video, path, times, tolerance=TOLERANCE_S):
+    """The frames of an open video (open_video) at `times` (s in the file), uint8 (3, H, W) each, by LeRobot's rule
+    (video_utils.decode_video_frames_pyav): seek to the keyframe at or before the earliest time, decode forward once
+    up to the first frame at or after the latest, and take for each time the decoded frame whose pts is nearest;
+    one farther than `tolerance` is refused. LeRobot seeks one tick of the time base earlier, which returns the same
+    frames (the nearest frame is never before a keyframe at or before the time rounded to ticks) but decodes a
+    whole GOP more whenever the time is a keyframe's. Times more than SEEK_GAP_S apart get a seek each."""
+    container, reformatter = video
+    stream = container.streams.video[0]
+    base = float(stream.time_base)
+    times = np.asarray(times, np.float64)
+    order = np.argsort(times, kind="stable")
+    out = [None] * len(times)
+    for group in np.split(order, np.flatnonzero(np.diff(times[order]) > SEEK_GAP_S) + 1):
+        want = times[group]
+        container.seek(round(want[0] / base), backward=True, any_frame=False, stream=stream)
+        pts, frames = [], []
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                pts.append(frame.pts * base)
+                frames.append(frame)
+                if pts[-1] >= want[-1]:
+                    break
+        if not frames:
+            raise DataError(f"{path}: no frame decodes from {want[0]:.4f} s on; expected a frame at every timestamp")
+        pts = np.array(pts)
+        near = np.abs(want[:, None] - pts[None]).argmin(1)  # the first of equally near frames, as LeRobot's argmin
+        far = np.flatnonzero(np.abs(pts[near] - want) > tolerance)
+        if len(far):
+            raise DataError(f"{path}: no frame within {tolerance} s of {want[far[0]]:.4f} s (the nearest decoded is at "
+                            f"{pts[near[far[0]]]:.4f} s); expected a frame at every timestamp (LeRobot's tolerance_s)")
+        rgb = {}
+        for j, n in zip(group.tolist(), near.tolist()):
+            if n not in rgb:  # converted once, only the frames asked for
+                rgb[n] = torch.from_numpy(reformatter.reformat(frames[n], format="rgb24").to_ndarray()).permute(2, 0, 1)
+            out[j] = rgb[n]
+    return out
+
+
 class Source:
     """Each RLDS image's bytes are checked, as they are read, against the CRC-32C that prepare() recorded (their
     record passed its CRC there), so a shard changed or damaged since then is refused, not decoded: ~1 us per
-    JPEG, below the noise of its decode. CALVIN's npz frames are checked too: zip verifies each array's CRC-32."""
+    JPEG, below the noise of its decode. CALVIN's npz frames are checked too: zip verifies each array's CRC-32.
+    LeRobot: image-dtype cameras are read from the cache's blob files exactly as RLDS JPEGs (CRC-checked); video
+    cameras are decoded from their mp4s by timestamp (video_frames), one open container per process and file."""
 
     def __init__(self, cache):
         self.cache = Path(cache)
@@ -771,7 +1159,11 @@ class Source:
         self.instruction = np.load(self.cache / "instruction.npy")
         self.embedding = load("embedding") if (self.cache / "embedding.npy").exists() else None
         self.pointers = {v: load(f"image_{v}") for v in self.views}
-        self._files = {}
+        self.kinds = self.meta["source"].get("kinds", {})  # LeRobot: view -> "video" or "image"
+        self._files, self._videos = {}, {}
+
+    def __getstate__(self):  # open videos do not pickle: workers started by spawn open their own
+        return {**self.__dict__, "_videos": {}}
 
     def __len__(self):
         return int(self.start[-1])
@@ -781,24 +1173,51 @@ class Source:
         e = int(np.searchsorted(self.start, i, side="right")) - 1
         return e, i - int(self.start[e]), int(self.start[e + 1] - self.start[e])
 
+    def file(self, view, n):
+        """File n of a view's pointers: an RLDS shard, a LeRobot video or a blob in the cache folder."""
+        files = self.meta["source"]["files"]
+        return files[n] if isinstance(files, list) else str(self.cache / files[view][n])
+
     def image(self, view, i):
         """Decoded frame i of a view: uint8 (3, H, W)."""
+        if self.kinds.get(view) == "video":
+            return self.images(view, [i])[0]
         ptr = self.pointers[view][i]
         if self.meta["source"]["format"] == "calvin":
             f = Path(self.meta["source"]["folder"]) / f"episode_{int(ptr):07d}.npz"
             (rgb,) = _calvin_frame(f, f"rgb_{'static' if view == 'primary' else 'gripper'}")
             return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
         shard, offset, length, crc = ptr.tolist()
-        key = (os.getpid(), shard)  # one descriptor per worker process and shard; pread needs no seek
+        path = self.file(view, shard)
+        key = (os.getpid(), path)  # one descriptor per worker process and file; pread needs no seek
         if key not in self._files:
-            self._files[key] = os.open(self.meta["source"]["files"][shard], os.O_RDONLY)
+            self._files[key] = os.open(path, os.O_RDONLY)
         data = os.pread(self._files[key], length, offset)
         if google_crc32c.value(data) != crc:
-            raise DataError(f"{self.meta['source']['files'][shard]}: the {view} image at byte {offset} ({length} "
+            raise DataError(f"{path}: the {view} image at byte {offset} ({length} "
                             f"bytes) fails the CRC-32C recorded by prepare; the file is damaged or changed since "
                             f"(copy it again; then delete the cache {self.cache})")
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
+    def images(self, view, idx):
+        """Decoded frames idx of a view, a list of uint8 (3, H, W): a video's frames of one file in one pass."""
+        if self.kinds.get(view) != "video":
+            return [self.image(view, i) for i in idx]
+        ptr = self.pointers[view][np.asarray(idx, np.int64)]  # (n, 2): file, time in the file
+        out = [None] * len(ptr)
+        for n in np.unique(ptr[:, 0]).astype(np.int64).tolist():
+            at = np.flatnonzero(ptr[:, 0] == n)
+            for j, frame in zip(at.tolist(), video_frames(self._video(view, n), self.file(view, n), ptr[at, 1])):
+                out[j] = frame
+        return out
+
+    def _video(self, view, n):
+        key = (os.getpid(), self.file(view, n))
+        video = self._videos.pop(key) if key in self._videos else open_video(key[1])
+        self._videos[key] = video  # the most recently used last
+        if len(self._videos) > MAX_OPEN_VIDEOS:
+            self._videos.pop(next(iter(self._videos)))[0].close()
+        return video
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -902,12 +1321,16 @@ class Mixture(torch.utils.data.Dataset):
     def _frames(self, sid, wanted):  # {key: (view, (n,) global step indices)} -> {key: uint8 (n, 3, H, W)}
         """From the decoded-frame cache where there is one; else each distinct frame of a window is decoded and
         resized once (histories repeat the first frame at an episode start; future and goal frames overlap the
-        history), and the frames of one native size are resized in one call, stacked as decoded (channels last:
-        no copy into planes)."""
+        history), a camera's frames in one Source.images call (a video's in one pass), and the frames of one native
+        size are resized in one call, stacked as decoded (channels last: no copy into planes)."""
         src = self.sources[sid]
         frames = {k: self._cached(sid, v, idx) for k, (v, idx) in wanted.items() if (sid, v) in self.frame_caches}
-        wanted = {k: w for k, w in wanted.items() if k not in frames}  # the JPEG path for the rest
-        raw = {(v, i): src.image(v, i) for v, idx in wanted.values() if v in src.views for i in idx.tolist()}
+        wanted = {k: w for k, w in wanted.items() if k not in frames}  # the JPEG / video path for the rest
+        distinct = {}  # view -> its distinct step indices, in order of first use
+        for v, idx in wanted.values():
+            if v in src.views:
+                distinct.setdefault(v, {}).update(dict.fromkeys(idx.tolist()))
+        raw = {(v, i): x for v, idx in distinct.items() for i, x in zip(idx, src.images(v, list(idx)))}
         out = {}
         for shape in {x.shape for x in raw.values()}:
             group = [vi for vi, x in raw.items() if x.shape == shape]
@@ -1047,7 +1470,8 @@ def load(spec, split="train", keys=None, calvin_all_frames=False, weights=None, 
 def add_args(parser, cache_frames=True):
     """The data flags every method's main() shares; --cache_frames where its frames come from data.load."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS or CALVIN); default: MetaWorld")
+    g.add_argument("--data", default=None, help="PATH or PATH:WEIGHT,... (RLDS, CALVIN, LeRobot or hf:ORG/NAME); "
+                                                  "default: MetaWorld")
     g.add_argument("--split", default="train")
     g.add_argument("--calvin_all_frames", action="store_true", help="CALVIN: every frame, not only annotated windows")
     if cache_frames:
@@ -1094,21 +1518,29 @@ def frame_cache_ok(path, shape):
     return google_crc32c.value(frames.reshape(-1)) == meta.get("crc32c")
 
 
+CACHE_RUN = 64  # consecutive steps decoded and resized together when a decoded-frame cache is built
+
+
+def _frame_rows(frames, view, steps):  # (n,) consecutive steps -> uint8 (n, 3, H, W), as a Mixture's windows hold them
+    return frames._frames(0, {"rows": (view, steps)})["rows"]
+
+
 def build_frame_cache(src, view, size, interpolation, workers=None):
     """Decode (checking every JPEG's CRC-32C, as training does), resize and write every frame of a view in step
     order: uint8 (steps, 3, H, W), written to a temporary file and renamed, so ranks that race all write the same
-    bytes and an interrupted build leaves nothing behind."""
+    bytes and an interrupted build leaves nothing behind. Steps go in runs of CACHE_RUN through Mixture._frames, so
+    a video is decoded sequentially, one seek per run, not per frame."""
     path, start = frame_cache_path(src, view, size, interpolation), time.time()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frames = Mixture([src], views=(view,), image_size=size, interpolation=interpolation)  # the JPEG path
+    frames = Mixture([src], views=(view,), image_size=size, interpolation=interpolation)  # the JPEG / video path
     workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
-    batches = torch.utils.data.DataLoader(frames, 256, num_workers=workers,
-                                          sampler=((0, i, 0) for i in range(len(src))))  # in step order
+    runs = [np.arange(a, min(a + CACHE_RUN, len(src))) for a in range(0, len(src), CACHE_RUN)]  # in step order
+    batches = torch.utils.data.DataLoader(runs, batch_size=None, num_workers=workers,
+                                          collate_fn=partial(_frame_rows, frames, view))
     try:
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(src), 3, *size))
-        for b, batch in enumerate(batches):
-            x = batch[f"image_{view}"][:, 0].numpy()  # (n, 3, H, W)
-            out[b * 256:b * 256 + len(x)] = x
+        for run, x in zip(runs, batches):
+            out[run[0]:run[-1] + 1] = x.numpy()  # (n, 3, H, W)
         out.flush()
         crc = google_crc32c.value(np.load(tmp, mmap_mode="r").reshape(-1))
         del out
@@ -1143,11 +1575,11 @@ def frame_caches(sources, views, size, interpolation, mode):
     if new > free:
         if mode == "on":
             raise DataError(f"cache_frames='on': {what}: not enough free disk in {sources[0].cache.parent}")
-        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from the JPEGs")
+        log(f"decoded-frame cache off (auto: {what}: not enough disk); frames are decoded from their files")
         return {}
     if mode == "auto" and need > FRAME_CACHE_BUDGET:
         log(f"decoded-frame cache off (auto: {what} > FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB); "
-            f"frames are decoded from the JPEGs")
+            f"frames are decoded from their files")
         return {}
     log(f"decoded-frame cache on ({mode}: {what}" + (f" <= FRAME_CACHE_BUDGET {FRAME_CACHE_BUDGET / 2**30:.0f} GiB"
                                                      if mode == "auto" else "") + ")")
@@ -1164,10 +1596,14 @@ def summary(ds):
         st = s.stats
         print(f"[{sid}] {s.name}  ({s.meta['source']['format']}, cache {s.cache})")
         print(f"    episodes {st['num_episodes']:,}  steps {st['num_steps']:,}  "
-              f"mean length {st['num_steps'] / st['num_episodes']:.1f}  weight {ds.weights[sid]:.3f}")
+              f"mean length {st['num_steps'] / st['num_episodes']:.1f}  weight {ds.weights[sid]:.3f}"
+              + (f"  fps {st['fps']}" if "fps" in st else ""))
         shapes = {v: tuple(s.image(v, 0).shape) for v in s.views}
         print(f"    cameras {shapes}  state {s.state.shape[1]}-d  action {s.action.shape[1]}-d  "
               f"language embedding {'%d-d' % s.embedding.shape[1] if s.embedding is not None else 'none'}")
+        if "cameras" in s.meta["source"]:
+            print(f"    LeRobot {s.meta['source']['version']}: "
+                  + ", ".join(f"{v} = {k}" for v, k in s.meta["source"]["cameras"].items()))
         print(f"    {len(s.instructions)} instruction(s): " + "; ".join(repr(t) for t in s.instructions[:5])
               + (" ..." if len(s.instructions) > 5 else ""))
         for key in ("action", "state"):
@@ -1211,7 +1647,7 @@ def main(argv=None):
     samples, frames, workers = bench(ds, workers=args.workers)
     print(f"{samples:,.0f} samples/s, {frames:,.0f} decoded+resized frames/s ({workers} workers, "
           f"{ds.size[0]}x{ds.size[1]}, history {ds.history}, views {list(ds.views)}, frames from "
-          f"{'the decoded-frame cache' if ds.frame_caches else 'the JPEGs'})")
+          f"{'the decoded-frame cache' if ds.frame_caches else 'the encoded files (JPEG, PNG or video)'})")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class Frames(torch.utils.data.Dataset):
         action = np.zeros((length, cfg.action_dim), np.float32)
         state[:, :src.state.shape[1]] = src.state[base:base + length]
         action[:, :src.action.shape[1]] = src.action[base:base + length]
-        frames = torch.stack([src.image(view, base + int(i)) for i in t])  # uint8 (5, 3, H, W), native size
+        frames = torch.stack(src.images(view, (base + t).tolist()))  # uint8 (5, 3, H, W), native size
         return {"images": random_resized_crops(frames, cfg.image_size, cfg.crop_scale, int(rng.integers(2**62))),
                 "chunks": torch.from_numpy(np.stack([dynamics_chunk(state, action, int(t[k]), cfg.window)
                                                      for k in (2, 4)])),  # (2, C)

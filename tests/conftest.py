@@ -159,6 +159,18 @@ def calvin_path(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def lerobot_v30_path(tmp_path_factory) -> Path:
+    """A LeRobot v3.0 dataset (5 episodes, 2 data files, 3 mp4s per camera, 2 cameras, 64 px, 10 fps). No TF."""
+    return _timed("lerobot v3.0", fixtures.write_lerobot_v30, tmp_path_factory.mktemp("lerobot") / "v30")
+
+
+@pytest.fixture(scope="session")
+def lerobot_v21_path(tmp_path_factory) -> Path:
+    """A LeRobot v2.1 dataset (5 episodes in 2 chunk folders, a parquet and an mp4 per camera each). No TF."""
+    return _timed("lerobot v2.1", fixtures.write_lerobot_v21, tmp_path_factory.mktemp("lerobot") / "v21")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run several times faster on one thread than on two cores shared with other work

@@ -23,6 +23,7 @@ utils.py, mees/calvin automatic_lang_annotator_mp.py, EDiRobotics/GR1-Training f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,11 @@ __all__ = [
     "write_language_table",
     "write_taco_play",
     "write_calvin",
+    "write_lerobot_v30",
+    "write_lerobot_v21",
+    "lerobot_frame",
+    "lerobot_frame_id",
+    "lerobot_content",
     "tfds_episodes",
     "flatten",
     "CALVIN_NPZ_KEYS",
@@ -1121,6 +1127,260 @@ def write_calvin(root, num_frames=130, split="training", start_id=None, gap=None
         }
         np.save(out / "lang_annotations" / "embeddings.npy", embeddings, allow_pickle=True)
     return Path(root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LeRobot v3.0 and v2.1 (huggingface/lerobot)
+# ----------------------------------------------------------------------------------------------------
+
+LEROBOT_TASKS = ("pick up the red cube and place it in the bowl", "push the blue block to the left")
+LEROBOT_CAMERAS = ("observation.images.top", "observation.images.wrist")
+LEROBOT_SEEDS = {"v3.0": 6, "v2.1": 7}  # the writers' default seeds: lerobot_content(version) is what they wrote
+_BLOCKS = 3  # base-8 digits of a frame's number, one grey block each
+
+
+def lerobot_frame(camera, n, size=64):
+    """Frame ``n`` (the frame's global ``index``) of camera 0 or 1, uint8 (size, size, 3): ``_BLOCKS`` flat 16x16
+    blocks whose grey levels 16 + 32 d are the base-8 digits d of n (most significant first), over a smooth
+    coloured texture (the camera's hue) that moves with n. Lossy video keeps the blocks' means within a few levels,
+    so ``lerobot_frame_id`` tells which frame a decoder returned."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    hue = np.array([(0.9, 0.6, 0.3), (0.3, 0.7, 0.9)][camera], np.float32)
+    tex = 0.5 + 0.4 * np.sin(2 * np.pi * (1.5 * xx + 0.07 * n + 0.5 * camera)) * np.cos(2 * np.pi * (yy - 0.05 * n))
+    img = 40 + 180 * tex[..., None] * hue
+    for k in range(_BLOCKS):
+        img[4:20, 4 + 20 * k:20 + 20 * k] = 16 + 32 * (n // 8 ** (_BLOCKS - 1 - k) % 8)
+    return np.clip(img.round(), 0, 255).astype(np.uint8)
+
+
+def lerobot_frame_id(frame):
+    """``n`` of a decoded ``lerobot_frame``; ``frame`` is uint8 (3, H, W) at the written size, as data.py decodes."""
+    x = np.asarray(frame, np.float32).mean(0)
+    digits = [int(round((x[8:16, 8 + 20 * k:16 + 20 * k].mean() - 16) / 32)) for k in range(_BLOCKS)]
+    return sum(d * 8 ** (_BLOCKS - 1 - k) for k, d in enumerate(digits))
+
+
+def lerobot_content(version, num_episodes=5, length=(8, 15), seed=None):
+    """What ``write_lerobot_<version>`` writes with these arguments, per episode: index, length, state (T, 8),
+    action (T, 7) (last dim a 0/1 gripper), task (an index into LEROBOT_TASKS), frames (global frame numbers)."""
+    seed = LEROBOT_SEEDS[version] if seed is None else seed
+    rng = np.random.default_rng(seed)
+    episodes, start = [], 0
+    for e, T in enumerate(_lengths(rng, num_episodes, length)):
+        state = _smooth_walk(rng, T, 8, 0.02).astype(np.float32)
+        grip = (np.arange(T) < int(rng.integers(2, T - 1))).astype(np.float32)  # open, then closed
+        action = np.concatenate([_smooth_walk(rng, T, 6, 0.01), grip[:, None]], 1).astype(np.float32)
+        episodes.append({"index": e, "length": T, "state": state, "action": action, "task": e % 2,
+                         "frames": np.arange(start, start + T)})
+        start += T
+    return episodes
+
+
+def _lerobot_codec():
+    import av
+    return "libsvtav1" if "libsvtav1" in av.codecs_available else "libx264"
+
+
+def _encode_video(path, frames, fps, codec):
+    """As lerobot's encode_video_frames (video_utils.py) with its default VideoEncoderConfig: yuv420p, GOP 2, crf 30
+    (libsvtav1: preset 12, svtav1-params fast-decode=0). Returns the duration as get_video_duration_in_s reads it."""
+    import av
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1's banner off (errors only)
+    options = {"g": "2", "crf": "30", **({"preset": "12", "svtav1-params": "fast-decode=0"} if codec == "libsvtav1" else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, fps, options=options)
+        stream.pix_fmt, stream.width, stream.height = "yuv420p", frames.shape[2], frames.shape[1]
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(path)) as c:
+        return float(c.streams.video[0].duration * c.streams.video[0].time_base)
+
+
+def _concat_videos(paths, out_path):
+    """As lerobot's concatenate_video_files: FFmpeg's concat demuxer, packets copied (no re-encoding)."""
+    import av
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    listing = out_path.with_suffix(".ffconcat")
+    listing.write_text("ffconcat version 1.0\n" + "".join(f"file '{p.resolve()}'\n" for p in paths))
+    src = av.open(str(listing), "r", format="concat", options={"safe": "0"})
+    dst = av.open(str(out_path), "w", options={"movflags": "faststart"})
+    streams = {}
+    for s in src.streams.video:
+        streams[s.index] = dst.add_stream_from_template(template=s, opaque=True)
+        streams[s.index].time_base = s.time_base
+    for packet in src.demux():
+        if packet.stream.index in streams and packet.dts is not None:
+            packet.stream = streams[packet.stream.index]
+            dst.mux(packet)
+    src.close()
+    dst.close()
+    listing.unlink()
+
+
+def _png(img):
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _lerobot_features(fps, size, image_keys, codec):
+    video_info = {"video.height": size, "video.width": size, "video.codec": "av1" if codec == "libsvtav1" else "h264",
+                  "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps, "video.channels": 3,
+                  "has_audio": False}
+    cams = {k: {"dtype": "image" if k in image_keys else "video", "shape": [size, size, 3],
+                "names": ["height", "width", "channels"], "info": None if k in image_keys else video_info}
+            for k in LEROBOT_CAMERAS}
+    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+    return {"action": {"dtype": "float32", "shape": [7], "names": ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]},
+            "observation.state": {"dtype": "float32", "shape": [8], "names": [f"motor_{i}" for i in range(8)]},
+            **cams, "timestamp": scalar("float32"), "frame_index": scalar("int64"), "episode_index": scalar("int64"),
+            "index": scalar("int64"), "task_index": scalar("int64")}
+
+
+def _lerobot_table(episodes, fps, size, image_keys, fixed):
+    """One data parquet's rows (several episodes) as HF datasets writes them: action / observation.state as
+    Sequence (v3.0: fixed-size lists; older datasets: lists), images as struct {bytes, path}."""
+    import pyarrow as pa
+    vec = (lambda n: pa.list_(pa.float32(), n)) if fixed else (lambda n: pa.list_(pa.float32()))
+    cols = {"action": pa.array([r for e in episodes for r in e["action"].tolist()], vec(7)),
+            "observation.state": pa.array([r for e in episodes for r in e["state"].tolist()], vec(8))}
+    for cam, key in enumerate(LEROBOT_CAMERAS):
+        if key in image_keys:
+            cols[key] = pa.array([{"bytes": _png(lerobot_frame(cam, int(n), size)), "path": f"frame_{int(n):06d}.png"}
+                                  for e in episodes for n in e["frames"]],
+                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    cols["timestamp"] = pa.array(np.concatenate([np.arange(e["length"]) / fps for e in episodes]).astype(np.float32))
+    cols["frame_index"] = pa.array(np.concatenate([np.arange(e["length"]) for e in episodes]).astype(np.int64))
+    cols["episode_index"] = pa.array(np.concatenate([np.full(e["length"], e["index"]) for e in episodes]).astype(np.int64))
+    cols["index"] = pa.array(np.concatenate([e["frames"] for e in episodes]).astype(np.int64))
+    cols["task_index"] = pa.array(np.concatenate([np.full(e["length"], e["task"]) for e in episodes]).astype(np.int64))
+    hf = {"info": {"features": {k: ({"_type": "Image"} if k in image_keys else {"dtype": "float32", "_type": "Value"})
+                                for k in cols}}}
+    return pa.table(cols).replace_schema_metadata({"huggingface": json.dumps(hf)})
+
+
+def _stats(x):
+    x = np.asarray(x, np.float64)
+    return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
+            "count": [len(x)]}
+
+
+def _lerobot_meta_stats(episodes):
+    return {"action": _stats(np.concatenate([e["action"] for e in episodes])),
+            "observation.state": _stats(np.concatenate([e["state"] for e in episodes]))}
+
+
+def _lerobot_info(version, episodes, fps, size, image_keys, codec, **layout):
+    return {"codebase_version": version, "robot_type": "so100", "total_episodes": len(episodes),
+            "total_frames": int(sum(e["length"] for e in episodes)), "total_tasks": len(LEROBOT_TASKS), **layout,
+            "fps": fps, "splits": {"train": f"0:{len(episodes)}"},
+            "features": _lerobot_features(fps, size, image_keys, codec)}
+
+
+def write_lerobot_v30(root, num_episodes=5, length=(8, 15), episodes_per_data_file=3, episodes_per_video_file=2,
+                      size=64, fps=10, image_keys=(), codec=None, seed=None):
+    """A LeRobot v3.0 dataset in ``root`` (its folder), as lerobot's dataset_writer and dataset_metadata write it:
+
+    * ``meta/info.json`` (codebase_version "v3.0", fps 10, features, data_path / video_path templates, chunks_size,
+      data_files_size_in_mb, video_files_size_in_mb, splits), ``meta/stats.json``, ``meta/tasks.parquet`` (pandas:
+      column task_index, the task strings as the index column ``task``, 2 tasks), ``meta/episodes/chunk-000/
+      file-000.parquet`` (episode_index, tasks, length, data/chunk_index, data/file_index, dataset_from_index,
+      dataset_to_index, videos/<key>/{chunk_index, file_index, from_timestamp, to_timestamp}, meta/episodes/...,
+      stats/<feature>/...).
+    * ``data/chunk-000/file-XXX.parquet``: ``episodes_per_data_file`` episodes each (index, episode_index,
+      frame_index, timestamp = frame_index / fps, task_index, observation.state 8-d, action 7-d with a 0/1 gripper).
+    * ``videos/<camera>/chunk-000/file-XXX.mp4`` for ``observation.images.top`` and ``observation.images.wrist``:
+      each episode encoded alone (AV1 with libsvtav1, else H.264: ``_encode_video``), then ``episodes_per_video_file``
+      of them concatenated (``_concat_videos``); from_timestamp is the duration before the episode in its file.
+      A camera in ``image_keys`` is dtype "image" instead: PNG bytes in the data parquet.
+
+    Frame n of the dataset shows ``lerobot_frame(camera, n)``. Returns ``root``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root, codec = Path(root), codec or _lerobot_codec()
+    episodes = lerobot_content("v3.0", num_episodes, length, seed)
+    rows = [{"episode_index": e["index"], "tasks": [LEROBOT_TASKS[e["task"]]], "length": e["length"],
+             "dataset_from_index": int(e["frames"][0]), "dataset_to_index": int(e["frames"][-1]) + 1,
+             "data/chunk_index": 0, "data/file_index": e["index"] // episodes_per_data_file} for e in episodes]
+    for f in range(0, num_episodes, episodes_per_data_file):
+        path = root / "data" / "chunk-000" / f"file-{f // episodes_per_data_file:03d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_lerobot_table(episodes[f:f + episodes_per_data_file], fps, size, image_keys, True), path)
+    for cam, key in enumerate(LEROBOT_CAMERAS):
+        if key in image_keys:
+            continue
+        tmp = root / "tmp_videos"
+        for f in range(0, num_episodes, episodes_per_video_file):
+            group, t = episodes[f:f + episodes_per_video_file], 0.0
+            paths = [tmp / f"episode_{e['index']:06d}.mp4" for e in group]
+            for e, p in zip(group, paths):
+                duration = _encode_video(p, np.stack([lerobot_frame(cam, int(n), size) for n in e["frames"]]), fps, codec)
+                rows[e["index"]].update({f"videos/{key}/chunk_index": 0,
+                                         f"videos/{key}/file_index": f // episodes_per_video_file,
+                                         f"videos/{key}/from_timestamp": t, f"videos/{key}/to_timestamp": t + duration})
+                t += duration
+            _concat_videos(paths, root / "videos" / key / "chunk-000" / f"file-{f // episodes_per_video_file:03d}.mp4")
+        shutil.rmtree(tmp)
+    for row, e in zip(rows, episodes):
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        for k, v in _lerobot_meta_stats([e]).items():
+            row.update({f"stats/{k}/{s}": x for s, x in v.items()})
+    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    pandas = {"index_columns": ["task"], "column_indexes": [], "creator": {"library": "pyarrow", "version": pa.__version__},
+              "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+                           "metadata": None},
+                          {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
+                           "metadata": None}]}
+    tasks = pa.table({"task_index": pa.array(range(len(LEROBOT_TASKS)), pa.int64()), "task": list(LEROBOT_TASKS)})
+    pq.write_table(tasks.replace_schema_metadata({"pandas": json.dumps(pandas)}), root / "meta" / "tasks.parquet")
+    (root / "meta" / "stats.json").write_text(json.dumps(_lerobot_meta_stats(episodes), indent=4))
+    info = _lerobot_info("v3.0", episodes, fps, size, image_keys, codec, chunks_size=1000, data_files_size_in_mb=100,
+                         video_files_size_in_mb=200,
+                         data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                         video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    return root
+
+
+def write_lerobot_v21(root, num_episodes=5, length=(8, 15), chunks_size=3, size=64, fps=10, codec=None, seed=None):
+    """A LeRobot v2.1 dataset in ``root``, as lerobot v2.1 wrote it (the layout convert_dataset_v21_to_v30 reads):
+    ``meta/info.json`` (codebase_version "v2.1", total_chunks, total_videos, chunks_size, data_path
+    "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet", video_path
+    "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"), ``meta/episodes.jsonl``
+    (episode_index, tasks, length), ``meta/tasks.jsonl`` (task_index, task), ``meta/episodes_stats.jsonl``; one
+    parquet (lists, not fixed-size) and one mp4 per camera per episode, episode e in chunk e // chunks_size (3 here,
+    so that episodes 3 and 4 lie in chunk-001). Frame n shows ``lerobot_frame(camera, n)``. Returns ``root``."""
+    import pyarrow.parquet as pq
+    root, codec = Path(root), codec or _lerobot_codec()
+    episodes = lerobot_content("v2.1", num_episodes, length, seed)
+    data_path = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+    video_path = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    for e in episodes:
+        chunk = e["index"] // chunks_size
+        path = root / data_path.format(episode_chunk=chunk, episode_index=e["index"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_lerobot_table([e], fps, size, (), False), path)
+        for cam, key in enumerate(LEROBOT_CAMERAS):
+            _encode_video(root / video_path.format(episode_chunk=chunk, video_key=key, episode_index=e["index"]),
+                          np.stack([lerobot_frame(cam, int(n), size) for n in e["frames"]]), fps, codec)
+    (root / "meta").mkdir(parents=True, exist_ok=True)
+    jsonl = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)
+    (root / "meta" / "episodes.jsonl").write_text(jsonl(
+        {"episode_index": e["index"], "tasks": [LEROBOT_TASKS[e["task"]]], "length": e["length"]} for e in episodes))
+    (root / "meta" / "tasks.jsonl").write_text(jsonl({"task_index": i, "task": t} for i, t in enumerate(LEROBOT_TASKS)))
+    (root / "meta" / "episodes_stats.jsonl").write_text(jsonl(
+        {"episode_index": e["index"], "stats": _lerobot_meta_stats([e])} for e in episodes))
+    info = _lerobot_info("v2.1", episodes, fps, size, (), codec, total_chunks=(num_episodes - 1) // chunks_size + 1,
+                         total_videos=num_episodes * len(LEROBOT_CAMERAS), chunks_size=chunks_size,
+                         data_path=data_path, video_path=video_path)
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    return root
 
 
 # ----------------------------------------------------------------------------------------------------
