@@ -1421,3 +1421,60 @@ def tfds_episodes(path, split="train", with_ids=False):
         read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=with_ids),
     )
     return [flatten(ep) for ep in tfds.as_numpy(ds)]
+
+
+def write_lerobot_copy(source, root, fps=10, codec="libsvtav1"):
+    """A LeRobot v3.0 copy of a data.py source (RLDS, CALVIN or LeRobot) in ``root``, for comparing the two
+    readers on the same frames (README, LeRobot speed): every frame as data.py decodes it, encoded as lerobot does
+    (one mp4 per episode and camera, then concatenated per camera: one data file, one video file per camera)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import data
+    s, root = data.Source(data.prepare(source)), Path(root)
+    bounds = [(int(a), int(b)) for a, b in zip(s.start[:-1], s.start[1:])]
+    keys = {v: f"observation.images.{v}" for v in s.views}
+    rows = [{"episode_index": e, "tasks": [s.instructions[s.instruction[e]]], "length": b - a, "dataset_from_index": a,
+             "dataset_to_index": b, "data/chunk_index": 0, "data/file_index": 0} for e, (a, b) in enumerate(bounds)]
+    for view, key in keys.items():
+        parts, t = [], 0.0
+        for e, (a, b) in enumerate(bounds):
+            frames = np.stack([f.permute(1, 2, 0).numpy() for f in s.images(view, list(range(a, b)))])
+            parts.append(root / "tmp" / key / f"episode_{e:06d}.mp4")
+            d = _encode_video(parts[-1], frames, fps, codec)
+            rows[e].update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                            f"videos/{key}/from_timestamp": t, f"videos/{key}/to_timestamp": t + d})
+            t += d
+        _concat_videos(parts, root / "videos" / key / "chunk-000" / "file-000.mp4")
+    shutil.rmtree(root / "tmp")
+    lengths = np.diff(s.start)
+    step = np.concatenate([np.arange(n) for n in lengths])
+    S, A = s.state.shape[1], s.action.shape[1]
+    table = pa.table({"action": pa.array(s.action.tolist(), pa.list_(pa.float32(), A)),
+                      "observation.state": pa.array(s.state.tolist(), pa.list_(pa.float32(), S)),
+                      "timestamp": pa.array((step / fps).astype(np.float32)), "frame_index": pa.array(step.astype(np.int64)),
+                      "episode_index": pa.array(np.repeat(np.arange(len(bounds)), lengths).astype(np.int64)),
+                      "index": pa.array(np.arange(len(s), dtype=np.int64)),
+                      "task_index": pa.array(np.repeat(s.instruction, lengths).astype(np.int64))})
+    for folder in ("data/chunk-000", "meta/episodes/chunk-000"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "data" / "chunk-000" / "file-000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    pq.write_table(pa.table({"task_index": pa.array(range(len(s.instructions)), pa.int64()), "task": s.instructions}),
+                   root / "meta" / "tasks.parquet")
+    h, w = s.image(s.views[0], 0).shape[1:]
+    video = {"video.height": h, "video.width": w, "video.codec": "av1" if codec == "libsvtav1" else "h264",
+             "video.pix_fmt": "yuv420p", "video.fps": fps, "video.channels": 3, "has_audio": False}
+    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+    features = {"action": {"dtype": "float32", "shape": [A]}, "observation.state": {"dtype": "float32", "shape": [S]},
+                **{k: {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"], "info": video}
+                   for k in keys.values()},
+                "timestamp": scalar("float32"), **{k: scalar("int64") for k in
+                                                  ("frame_index", "episode_index", "index", "task_index")}}
+    info = {"codebase_version": "v3.0", "robot_type": s.name, "total_episodes": len(bounds), "total_frames": len(s),
+            "total_tasks": len(s.instructions), "chunks_size": 1000, "data_files_size_in_mb": 100,
+            "video_files_size_in_mb": 200, "fps": fps, "splits": {"train": f"0:{len(bounds)}"},
+            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4", "features": features}
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+    return root

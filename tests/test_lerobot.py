@@ -204,6 +204,19 @@ def test_image_dtype_cameras_are_copied_once_and_crc_checked(tmp_path):
 
 # --- mixtures, hf: ----------------------------------------------------------------------------------
 
+def test_a_lerobot_copy_of_the_bridge_sample_reads_back_as_the_original(bridge_path, tmp_path):
+    # ~1 s: the README's speed comparison reads such a copy (fixtures.write_lerobot_copy: 225 steps x 2 cameras, AV1)
+    copy = data.Source(data.prepare(fixtures.write_lerobot_copy(bridge_path, tmp_path / "copy")))
+    original = data.Source(data.prepare(bridge_path))
+    assert np.array_equal(copy.start, original.start) and copy.instructions == original.instructions
+    assert np.array_equal(copy.state, original.state) and np.array_equal(copy.action, original.action)
+    for view in original.views:
+        steps = list(range(0, len(original), 37))
+        decoded, frames = (torch.stack(x.images(view, steps)).float() for x in (copy, original))
+        error = (decoded - frames).abs().mean((1, 2, 3))  # AV1 at crf 30: the same picture, not the same bytes
+        assert error.max() < 6 and error.max() < (decoded - frames.roll(1, 0)).abs().mean((1, 2, 3)).min() / 2
+
+
 def test_lerobot_and_rlds_mix(lerobot_v30_path, lerobot_v21_path, bridge_path):
     ds = data.load(f"{lerobot_v30_path}:0.4,{bridge_path}:0.4,{lerobot_v21_path}:0.2", history=2, image_size=32,
                    cache_frames="off")
