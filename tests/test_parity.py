@@ -256,3 +256,68 @@ def test_mcr_overfit_demo_replays(one_demo, tmp_path):
     mcr.downstream(mcr.resnet(18), "random", path, mcr.Config(**TINY), dcfg, str(tmp_path), log=lambda *a: None)
     policy = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))[0]
     assert replay(policy, seed)
+
+
+def overfit(model, loss_fn, batch, steps, lr=1e-3):
+    """Full-batch Adam on one demonstration's training windows; -> the last loss (the model is left in eval mode)."""
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = loss_fn(model, batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return loss.item()
+
+
+def test_rt1_overfit_demo_replays(one_demo):
+    # ~30 s: 300 full-batch steps of the tiny RT-1 on the demonstration's windows, then one episode from its seed
+    import rt1
+    from tests.test_rt1 import TINY
+    path, seed = one_demo
+    ds, batch = windows(path, history=TINY.history, image_size=TINY.image_size)
+    torch.manual_seed(0)
+    model, tokenizer = rt1.RT1(TINY, ds.instructions), rt1.ActionTokenizer(ds.stats, TINY.bins)
+    overfit(model, lambda m, b: rt1.loss(m, b, tokenizer), batch, 300)
+    assert replay(rt1.Policy(model, tokenizer, rt1.metaworld_source(ds.stats)), seed)
+
+
+def test_gcbc_overfit_demo_replays(one_demo):
+    # ~10 s: 300 full-batch steps of the tiny GC-BC (goal: the demonstration's last frame, as eval's expert goal)
+    import gcbc
+    from tests.test_gcbc import TINY
+    path, seed = one_demo
+    cfg = gcbc.Config(**TINY, augment=False)
+    ds, batch = windows(path, image_size=cfg.image_size, goal_last=1, seed=0, interpolation="bicubic")
+    torch.manual_seed(0)
+    model = gcbc.GCBC(cfg)
+    overfit(model, lambda m, b: gcbc.loss(m, b, gcbc.ActionNorm(ds.stats)), batch, 300)
+    assert replay(gcbc.Policy(model, ds.stats), seed)
+
+
+def test_hpt_overfit_demo_replays(one_demo):
+    # ~30 s: 300 full-batch steps of the tiny HPT: one camera, one frame, the ResNet-18 frozen (it was the cost)
+    import hpt
+    from tests.test_hpt import TINY
+    path, seed = one_demo
+    cfg = replace(TINY, history=1, views=("primary",), finetune_encoder=False)
+    ds, batch = windows(path, history=cfg.history, chunk=cfg.chunk, image_size=cfg.image_size, views=cfg.views,
+                        missing_views="zeros", seed=0)
+    torch.manual_seed(0)
+    model = hpt.HPT(cfg, hpt.embodiments_of(ds, cfg.views))
+    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim), "action": hpt.Limits(ds.stats, "action", model.action_dim)}
+    overfit(model, lambda m, b: hpt.loss(m, b, norm, cfg, [model.action_dim]), batch, 300)
+    assert replay(hpt.Policy(model, ds.stats, hpt.metaworld_source(ds.stats)), seed)
+
+
+def test_gr1_overfit_demo_replays(one_demo):
+    # ~20 s: 300 full-batch steps of the tiny GR-1 on the demonstration's windows
+    import gr1
+    from tests.test_gr1 import TINY
+    path, seed = one_demo
+    cfg = replace(TINY, test_chunk_size=1)
+    ds, batch = gr1_windows(path, cfg)
+    model, inputs = gr1_model(ds, cfg), gr1.Inputs(ds.stats)
+    overfit(model, lambda m, b: gr1.loss(m, b, inputs, cfg), batch, 300)
+    assert replay(gr1.Policy(model, ds.stats), seed)
