@@ -383,7 +383,7 @@ def test_method_command_lines_print_bad_input_as_one_line(method, tmp_path, caps
         runpy.run_path(str(ROOT / f"{method}.py"), run_name="__main__")
     assert e.value.code == 2
     assert capsys.readouterr().err == (f"{method}.py: {tmp_path / 'missing'}: no such file or directory (expected an "
-                                       f"RLDS dataset or a CALVIN folder)\n")
+                                       f"RLDS dataset, a CALVIN folder or a LeRobot dataset)\n")
 
 
 # --- --log tensorboard | wandb: the metrics rows, also to an experiment tracker -------------------------------------
