@@ -180,3 +180,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def export_round_trip(tmp_path, monkeypatch):
+    """ckpt path -> (its Policy, the Policy of its `eval_sim.py export` folder, the method) through eval_sim.load_policy
+    (what evaluate --ckpt calls); the export is read with torch.load and pickle made to fail."""
+    def run(ckpt):
+        import pickle
+
+        import eval_sim
+        import torch
+        eval_sim.main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
+        policy, _ = eval_sim.load_policy(str(ckpt))
+        for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the export was read with pickle"))
+        exported, method = eval_sim.load_policy(str(tmp_path / "export"))
+        return policy, exported, method
+    return run

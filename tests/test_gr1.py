@@ -530,18 +530,12 @@ def test_policy_runs_in_metaworld():
     assert policy.tokens.shape[:2] == (1, TINY.history)  # the window filled up to T steps
 
 
-def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, monkeypatch):
+def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, export_round_trip):
     # eval_sim.py export, then the folder through eval_sim.load_policy (what evaluate --ckpt DIR calls)
-    import pickle
-    import eval_sim
     torch.save({"method": "gr1", "model": tiny().state_dict(), "stats": [stats(), stats(4, "metaworld")], "step": 3,
                 "config": {**asdict(TINY), "vocabulary": VOCAB, "language": "learned", "clip_ckpt": None}},
                tmp_path / "ckpt.pt")
-    eval_sim.main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")])
-    policy, _ = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))
-    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the export was read with pickle"))
-    exported, method = eval_sim.load_policy(str(tmp_path / "export"))
+    policy, exported, method = export_round_trip(tmp_path / "ckpt.pt")
     assert method == "gr1" and isinstance(exported, gr1.Policy)
     rng = np.random.default_rng(0)
     for p in (policy, exported):

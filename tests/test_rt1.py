@@ -314,20 +314,15 @@ def test_checkpoint_round_trips_through_eval_sim(tmp_path):
     assert set(results["success"]) == {"reach-v3"}
 
 
-def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, monkeypatch):
+def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, export_round_trip):
     # eval_sim.py export, then the folder through eval_sim.load_policy (what evaluate --ckpt DIR calls)
-    import pickle
     import eval_sim
     vocabulary = sorted(eval_sim.INSTRUCTIONS.values())
     low, high = [-1.0, -1, -1, 0, 0, 0, 0], [1.0, 1, 1, 0, 0, 0, 1]
     torch.save({"method": "rt1", "config": {**asdict(TINY), "vocabulary": vocabulary}, "amp_dtype": "fp32",
                 "model": tiny(vocabulary=vocabulary).state_dict(), "stats": stats(low, high), "step": 1},
                tmp_path / "ckpt.pt")
-    eval_sim.main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "export")])
-    policy, _ = eval_sim.load_policy(str(tmp_path / "ckpt.pt"))
-    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the export was read with pickle"))
-    exported, method = eval_sim.load_policy(str(tmp_path / "export"))
+    policy, exported, method = export_round_trip(tmp_path / "ckpt.pt")
     assert method == "rt1" and exported.amp_dtype == "fp32"
     rng = np.random.default_rng(0)
     for p in (policy, exported):
