@@ -8,7 +8,8 @@ evaluation seeds with 95% Wilson intervals; kept snapshots give learning curves 
 
 A method's run is its own command line, `python <method>.py --seed S --out_dir runs/compare/<row>_s<S> --keep 3`
 with its own evaluation off; then each kept snapshot is scored on mt10: the last with --episodes (20) per task,
-the earlier ones with --curve_episodes (5). MCR is scored as its paper does, by the downstream test (a frozen
+the earlier ones with --curve_episodes (5); the last also zero-shot on five tasks outside mt10 it never saw
+(HELDOUT, --heldout_episodes each: mt10 success is not generalisation). MCR is scored as its paper does, by the downstream test (a frozen
 encoder + an MLP fit to the same demonstrations: `mcr.py --downstream`) of each pre-training snapshot; its
 baseline row is the same test of an untrained encoder. The scripted expert and random actions are references.
 Every run's final score comes first, then the curves' earlier points (the long part: a stopped call leaves
@@ -32,6 +33,7 @@ ROWS = METHODS + ("mcr-random", "expert", "random")
 NAMES = {"rt1": "RT-1", "gcbc": "GC-BC", "hpt": "HPT", "gr1": "GR-1 (GR-Chunk)", "mcr": "MCR (pre-trained encoder)",
          "mcr-random": "MCR's baseline: random encoder", "expert": "scripted expert", "random": "random actions"}
 TASKS = "mt10"
+HELDOUT = "bin-picking-v3,box-close-v3,door-lock-v3,door-unlock-v3,hand-insert-v3"  # Meta-World ML45's test tasks
 MCR_DOWNSTREAM = ["--tasks", TASKS, "--demos", "50"]  # mcr.py's downstream test on the data every method trains on
 ROOT = Path(__file__).resolve().parent
 
@@ -71,8 +73,17 @@ def kept(row, out):
 def results_path(row, out, step):
     """Where the mt10 results of a run's snapshot at `step` are (mcr.py --downstream names its own folder)."""
     if row.startswith("mcr"):
-        return out / f"downstream_{step}" / f"downstream_{row.partition('-')[2] or 'mcr'}" / "eval" / "results.json"
+        return downstream_dir(row, out, step) / "eval" / "results.json"
     return out / f"eval_{step}" / "results.json"
+
+
+def downstream_dir(row, out, step):
+    """The folder of mcr.py --downstream's policy (ckpt.pt) and its evaluation, for an MCR row's snapshot."""
+    return out / f"downstream_{step}" / f"downstream_{row.partition('-')[2] or 'mcr'}"
+
+
+def reference_policy(row, seed):
+    return eval_sim.ExpertPolicy() if row == "expert" else eval_sim.RandomPolicy(seed)
 
 
 def score(row, seed, out, step, path, episodes, video):
@@ -85,15 +96,33 @@ def score(row, seed, out, step, path, episodes, video):
         run(["mcr.py", "--downstream", "--encoder", encoder, *MCR_DOWNSTREAM, "--eval_episodes", str(episodes),
              "--seed", str(seed), "--out_dir", str(out / f"downstream_{step}")], out / "compare.log")
     else:
-        if row in ("expert", "random"):
-            policy = eval_sim.ExpertPolicy() if row == "expert" else eval_sim.RandomPolicy(seed)
-        else:
-            policy, _ = eval_sim.load_policy(path)
+        policy = reference_policy(row, seed) if row in ("expert", "random") else eval_sim.load_policy(path)[0]
         eval_sim.evaluate(policy, TASKS, episodes, str(results.parent), video=video, method=row)
 
 
-def do_row(row, seed, episodes, curve_episodes, root, curve):
-    """Train one row's run for one seed and score its last snapshot; with `curve`, its earlier snapshots."""
+def score_heldout(row, seed, out, step, path, episodes):
+    """Zero-shot: the final policy (for MCR, its downstream policy) on HELDOUT, tasks it never saw, into
+    heldout_<step>/results.json. A policy whose instruction embedding is learned per training instruction (RT-1
+    and GR-1 without pre-trained text features) has no input for an unseen task: that is recorded, not scored."""
+    results = out / f"heldout_{step}" / "results.json"
+    if results.exists() and json.loads(results.read_text())["episodes"] == episodes:
+        return
+    if row in ("expert", "random"):
+        policy = reference_policy(row, seed)
+    else:
+        policy = eval_sim.load_policy(downstream_dir(row, out, step) / "ckpt.pt" if row.startswith("mcr") else path)[0]
+    try:
+        eval_sim.evaluate(policy, HELDOUT, episodes, str(results.parent), video=False, method=row)
+    except KeyError as e:  # the instruction lookup of a closed vocabulary (rt1.RT1.language, gr1.Language)
+        if "not among" not in str(e):
+            raise
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({"episodes": episodes, "unseen_instruction": e.args[0]}, indent=1))
+
+
+def do_row(row, seed, episodes, curve_episodes, heldout_episodes, root, curve):
+    """Train one row's run for one seed and score its last snapshot on mt10 and on the held-out tasks; with
+    `curve`, its earlier snapshots on mt10."""
     out = root / f"{row}_s{seed}"
     if row in METHODS:
         train_row(row, seed, out)
@@ -102,6 +131,8 @@ def do_row(row, seed, episodes, curve_episodes, root, curve):
         last = step == max(snaps)
         if last != curve:
             score(row, seed, out, step, snaps[step], episodes if last else curve_episodes, video=last)
+        if last and not curve and heldout_episodes:
+            score_heldout(row, seed, out, step, snaps[step], heldout_episodes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,6 +151,9 @@ def collect(rows, seeds, root):
                     seconds = train.load_checkpoint(snaps[step])["train_seconds"] if snaps[step] else 0.0
                     points.append({"step": step, "minutes": seconds / 60, "results": json.loads(path.read_text())})
             if points and points[-1]["step"] == max(snaps):
+                heldout = out / f"heldout_{max(snaps)}" / "results.json"
+                if heldout.exists():
+                    points[-1]["heldout"] = json.loads(heldout.read_text())
                 found.setdefault(row, {})[seed] = points
     return found
 
@@ -151,7 +185,27 @@ def table(found, seeds):
         per = [sum(sum(p[-1]["results"]["per_episode"][t]) for p in runs.values()) for t in tasks]
         n = sum(p[-1]["results"]["episodes"] for p in runs.values())
         lines.append(f"| {NAMES[row]} | " + " | ".join(f"{k}/{n}" for k in per) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + heldout_table(found))
+
+
+def heldout_table(found):
+    """Zero-shot success on HELDOUT of each row's final snapshot, seeds pooled (rows scored with --heldout_episodes)."""
+    tasks = eval_sim.parse_tasks(HELDOUT)
+    lines = ["", f"Zero-shot on {len(tasks)} tasks outside mt10 (Meta-World ML45's test tasks), seeds pooled:", "",
+             "| method | all | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |", "|---|" + "---|" * (len(tasks) + 1)]
+    for row, runs in found.items():
+        held = [p[-1]["heldout"] for p in runs.values() if "heldout" in p[-1]]
+        if not held:
+            continue
+        if "unseen_instruction" in held[0]:
+            lines.append(f"| {NAMES[row]} | not scored: its instruction embedding is learned per mt10 instruction, "
+                         f"so an unseen task has no input |" + " |" * len(tasks))
+            continue
+        wins, total = sum(h["successes"] for h in held), sum(h["total"] for h in held)
+        per = [sum(sum(h["per_episode"][t]) for h in held) for t in tasks]
+        n = sum(h["episodes"] for h in held)
+        lines.append(f"| {NAMES[row]} | {cell(wins, total)} | " + " | ".join(f"{k}/{n}" for k in per) + " |")
+    return lines if len(lines) > 4 else []
 
 
 def plot(row, runs, references, path):
@@ -184,6 +238,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (evaluation seeds are fixed)")
     p.add_argument("--episodes", type=int, default=20, help="episodes per mt10 task for each run's last snapshot")
     p.add_argument("--curve_episodes", type=int, default=5, help="episodes per task for the earlier snapshots")
+    p.add_argument("--heldout_episodes", type=int, default=10,
+                   help=f"episodes per held-out task ({HELDOUT}) for each run's last snapshot; 0: none")
     p.add_argument("--out", default="runs/compare", help="run folders")
     p.add_argument("--plots", default="docs/learning", help="one learning-curve PNG per method")
     p.add_argument("--table", action="store_true", help="only print the table and draw the curves")
@@ -200,7 +256,7 @@ def main(argv=None):
                 for row in rows:
                     if row in ("expert", "random") and seed != args.seeds[0]:
                         continue  # references: one seed
-                    do_row(row, seed, args.episodes, args.curve_episodes, root, curve)
+                    do_row(row, seed, args.episodes, args.curve_episodes, args.heldout_episodes, root, curve)
     found = collect(rows, args.seeds, root)
     print(table(found, args.seeds))
     references = {NAMES[r]: np.mean([p[-1]["results"]["mean"] for p in found[r].values()])

@@ -664,7 +664,9 @@ def wilson(successes, n, z=1.96):
         return [0.0, 1.0]
     p = successes / n
     center, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [float((center - half) / (1 + z * z / n)), float((center + half) / (1 + z * z / n))]
+    low, high = (center - half) / (1 + z * z / n), (center + half) / (1 + z * z / n)
+    # at 0 (n) successes the low (high) bound is exactly 0 (1); rounding would give +-1e-17 ("-0.0%")
+    return [0.0 if successes == 0 else float(low), 1.0 if successes == n else float(high)]
 
 
 def print_table(results):

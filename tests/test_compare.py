@@ -13,9 +13,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reference_rows_are_scored_once_and_tabulated_with_intervals(tmp_path, capsys):
-    # ~15 s: 10 expert episodes (~80 rendered steps each) and 10 random ones (500 unrendered steps)
-    argv = ["--rows", "expert,random", "--seeds", "0", "--episodes", "1", "--out", str(tmp_path / "runs"),
-            "--plots", str(tmp_path / "plots")]
+    # ~25 s: 10 + 5 held-out expert episodes (~80 rendered steps each), as many random ones (500 unrendered)
+    argv = ["--rows", "expert,random", "--seeds", "0", "--episodes", "1", "--heldout_episodes", "1",
+            "--out", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots")]
     compare.main(argv)
     out = capsys.readouterr().out
     results = {r: json.loads((tmp_path / "runs" / f"{r}_s0" / "eval_0" / "results.json").read_text())
@@ -27,6 +27,11 @@ def test_reference_rows_are_scored_once_and_tabulated_with_intervals(tmp_path, c
         assert f"{r['successes']}/10 = {10 * r['successes']:.1f}% [{100 * low:.0f}, {100 * high:.0f}]" in line
     assert results["expert"]["successes"] >= 8 and results["random"]["successes"] <= 2
     assert "| scripted expert | " in out[out.index("per task"):]
+    heldout = json.loads((tmp_path / "runs" / "expert_s0" / "heldout_0" / "results.json").read_text())
+    assert list(heldout["success"]) == compare.HELDOUT.split(",") and heldout["total"] == 5
+    assert not set(heldout["success"]) & set(eval_sim.parse_tasks(compare.TASKS))  # none of them trained
+    line = next(l for l in out[out.index("Zero-shot"):].splitlines() if l.startswith("| scripted expert |"))
+    assert f"| {heldout['successes']}/5 = " in line
     stamp = (tmp_path / "runs" / "expert_s0" / "eval_0" / "results.json").stat().st_mtime_ns
     compare.main(argv)  # resumed: nothing is evaluated again
     assert (tmp_path / "runs" / "expert_s0" / "eval_0" / "results.json").stat().st_mtime_ns == stamp
@@ -45,3 +50,21 @@ def test_learning_curve_plot(tmp_path):
 def test_unknown_row_is_one_clear_error():
     with pytest.raises(SystemExit, match="--rows gr2: expected some of rt1, gcbc"):
         compare.main(["--rows", "gr2", "--table"])
+
+
+def test_heldout_records_a_closed_vocabulary_as_not_scored(tmp_path):
+    # a tiny RT-1 that learned one instruction: the held-out tasks' instructions have no embedding in it
+    import rt1
+    import train
+    cfg = rt1.Config(image_size=32, history=2, width_mult=0.1, depth_mult=0.1, lang_dim=8, tokens_per_image=2,
+                     d_model=16, layers=1, heads=2, head_dim=8)
+    vocabulary = [eval_sim.INSTRUCTIONS["reach-v3"]]
+    stats = [{"name": "metaworld", "action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}]
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"method": "rt1", "config": {**rt1.asdict(cfg), "vocabulary": vocabulary},
+                                 "model": rt1.RT1(cfg, vocabulary).state_dict(), "stats": stats, "step": 1})
+    compare.score_heldout("rt1", 0, tmp_path, 1, path, episodes=1)
+    record = json.loads((tmp_path / "heldout_1" / "results.json").read_text())
+    assert record["episodes"] == 1 and "not among the 1 this model learned" in record["unseen_instruction"]
+    found = {"rt1": {0: [{"heldout": record}]}}
+    assert "| RT-1 | not scored: its instruction embedding is learned" in "\n".join(compare.heldout_table(found))

@@ -154,6 +154,8 @@ def test_wilson_interval_matches_the_closed_form_and_stays_in_bounds():
     low, high = eval_sim.wilson(0, 200)
     assert low == 0.0 and 0.018 < high < 0.019  # not empty at 0 successes: the "rule of three" is 1.5%
     assert eval_sim.wilson(200, 200)[1] == 1.0 and eval_sim.wilson(0, 0) == [0.0, 1.0]
+    # rounding put 0/40's lower bound at -1e-17 (printed "-0.0%") and n/n's upper at 1 - 2e-16: exact now
+    assert all(eval_sim.wilson(0, n)[0] == 0.0 and eval_sim.wilson(n, n)[1] == 1.0 for n in range(1, 500))
 
 
 # --- simulation: worker processes, MuJoCo physics and EGL rendering --------------------------------------
