@@ -8,13 +8,13 @@ evaluation seeds with 95% Wilson intervals; kept snapshots give learning curves 
 
 A method's run is its own command line, `python <method>.py --seed S --out_dir runs/compare/<row>_s<S> --keep 3`
 with its own evaluation off; then each kept snapshot is scored on mt10: the last with --episodes (20) per task,
-the earlier ones with --curve_episodes (5); the last also zero-shot on five tasks outside mt10 it never saw
-(HELDOUT, --heldout_episodes each: mt10 success is not generalisation). MCR is scored as its paper does, by the downstream test (a frozen
-encoder + an MLP fit to the same demonstrations: `mcr.py --downstream`) of each pre-training snapshot; its
-baseline row is the same test of an untrained encoder. The scripted expert and random actions are references.
-Every run's final score comes first, then the curves' earlier points (the long part: a stopped call leaves
-whole final numbers). Everything lands in the run folders: stopped at any moment, a second call resumes each
-run where it stopped and evaluates only what has no results.json yet.
+the earlier ones with --curve_episodes (5). The last is also scored zero-shot on five tasks outside mt10 that it
+never saw (HELDOUT, --heldout_episodes each): mt10 success is not generalisation. MCR is scored as its paper
+does, by the downstream test (a frozen encoder + an MLP fit to the same demonstrations: `mcr.py --downstream`)
+of each pre-training snapshot; its baseline row is the same test of an untrained encoder. The scripted expert
+and random actions are references. Every run's final scores come first, then the curves' earlier points (the
+long part: a stopped call leaves whole final numbers). Everything lands in the run folders: stopped at any
+moment, a second call resumes each run where it stopped and evaluates only what has no results.json yet.
 """
 import argparse
 import json
@@ -192,7 +192,8 @@ def heldout_table(found):
     """Zero-shot success on HELDOUT of each row's final snapshot, seeds pooled (rows scored with --heldout_episodes)."""
     tasks = eval_sim.parse_tasks(HELDOUT)
     lines = ["", f"Zero-shot on {len(tasks)} tasks outside mt10 (Meta-World ML45's test tasks), seeds pooled:", "",
-             "| method | all | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |", "|---|" + "---|" * (len(tasks) + 1)]
+             "| method | all | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |",
+             "|---|" + "---|" * (len(tasks) + 1)]
     for row, runs in found.items():
         held = [p[-1]["heldout"] for p in runs.values() if "heldout" in p[-1]]
         if not held:
@@ -238,7 +239,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (evaluation seeds are fixed)")
     p.add_argument("--episodes", type=int, default=20, help="episodes per mt10 task for each run's last snapshot")
     p.add_argument("--curve_episodes", type=int, default=5, help="episodes per task for the earlier snapshots")
-    p.add_argument("--heldout_episodes", type=int, default=10,
+    p.add_argument("--heldout_episodes", type=int, default=5,
                    help=f"episodes per held-out task ({HELDOUT}) for each run's last snapshot; 0: none")
     p.add_argument("--out", default="runs/compare", help="run folders")
     p.add_argument("--plots", default="docs/learning", help="one learning-curve PNG per method")
