@@ -12,6 +12,7 @@ that code differ, this file follows the code and says so (facts: ../shared/specs
     python rt1.py --data PATH --out_dir runs/rt1        # any data.py source or mixture (a:0.7,b:0.3)
     torchrun --nproc_per_node=8 rt1.py --data PATH      # DDP on 8 GPUs
     python eval_sim.py evaluate --ckpt runs/rt1/ckpt.pt --tasks mt10 --episodes 20
+    python rt1.py --token_accuracy runs/rt1/ckpt.pt     # does it read its frames? (vs a frame-blind baseline)
 """
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -394,7 +395,40 @@ def metaworld_source(stats):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. Command line: data -> train -> evaluate in MetaWorld
+# 6. Diagnosis: does the model read its frames? (python rt1.py --token_accuracy CKPT)
+
+DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+
+
+@torch.inference_mode()
+def token_accuracy(model, tokenizer, ds, samples=2048, batch=128, seed=0):
+    """Per action dimension, on `samples` windows of the first source (seeded): how often the argmax token at the
+    acting step (the window's last) is the target token, and its mean distance in bins, beside the same two for
+    each instruction's most frequent token, the best a model blind to the frames can do. -> {dim: 4 numbers}."""
+    src, model = ds.sources[0], model.eval()
+    steps = np.random.default_rng(seed).choice(len(src.action), min(samples, len(src.action)), replace=False)
+    task_of = lambda step: src.instruction[np.searchsorted(src.start, step, side="right") - 1]
+    predicted, target = [], []
+    for i in range(0, len(steps), batch):
+        b = torch.utils.data.default_collate([ds[(0, int(s), 0)] for s in steps[i:i + batch]])
+        logits = model(b["image_primary"], b["instruction"], b.get("language_embedding"))[:, -1]  # (B, A, bins)
+        predicted.append(logits.argmax(-1))
+        target.append(tokenizer.encode(b["action"][:, -1, 0, :logits.shape[1]], b["dataset_id"]))
+    predicted, target = torch.cat(predicted).numpy(), torch.cat(target).numpy()  # (samples, A)
+    zero = torch.zeros(len(src.action), dtype=torch.long)
+    every = tokenizer.encode(torch.from_numpy(np.array(src.action[:, :target.shape[1]], np.float32)), zero).numpy()
+    tasks = task_of(np.arange(len(src.action)))
+    majority = {t: [np.bincount(column, minlength=tokenizer.bins).argmax() for column in every[tasks == t].T]
+                for t in np.unique(tasks)}
+    blind = np.array([majority[t] for t in task_of(steps)])  # (samples, A)
+    names = DIMS if target.shape[1] == len(DIMS) else [str(d) for d in range(target.shape[1])]
+    hit = lambda p, d: float(np.mean(p[:, d] == target[:, d]))  # token accuracy
+    off = lambda p, d: float(np.mean(np.abs(p[:, d] - target[:, d])))  # mean distance in bins
+    return {name: [hit(predicted, d), hit(blind, d), off(predicted, d), off(blind, d)] for d, name in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Command line: data -> train -> evaluate in MetaWorld
 
 # The CPU default. The paper's model runs its 8 x 512 transformer over 90 tokens (~3.7 GFLOP a sample forward)
 # and reached 0/30 on mt10 after 340 steps of batch 8 on 2 cores (README, RT-1). Same architecture and loss, cut
@@ -418,6 +452,8 @@ def main():
     parser.add_argument("--imagenet_weights", default=None,
                         help="torchvision EfficientNet_B3 ImageNet state_dict (.pth), with torchvision's BatchNorm "
                              "eps and momentum; without it: random init and the official Keras BatchNorm")
+    parser.add_argument("--token_accuracy", metavar="CKPT", help="only print CKPT's per-dimension token accuracy on "
+                        "--data's windows beside a frame-blind baseline (section 6)")
     gpu = torch.cuda.is_available()
     parser.add_argument("--eval_tasks", default="mt10", help="MetaWorld tasks to evaluate after training")
     parser.add_argument("--eval_episodes", type=int, default=None,
@@ -441,6 +477,8 @@ def main():
         parser.error(f"--shift: expected two fractions, of the rows and of the columns (e.g. 0.078 0.156), "
                      f"got {list(cfg.shift)}")
     cfg = replace(cfg, torchvision_bn=bool(args.imagenet_weights))  # the BatchNorm its weights were trained with
+    if args.token_accuracy:
+        return print_token_accuracy(args.token_accuracy, args.data or eval_sim.default_data(), args)
 
     path = args.data or eval_sim.default_data()
     ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
@@ -484,6 +522,22 @@ def main():
         results = eval_sim.evaluate(policy, args.eval_tasks, episodes, out_dir=os.path.join(tcfg.out_dir, "eval"),
                                     method="rt1", size=128)
         train.log_evaluation(tcfg, results)  # --log: the success rates beside the training's rows
+
+
+def print_token_accuracy(ckpt_path, path, args):
+    """--token_accuracy: the checkpoint's model and tokenizer on the windows of `path`, one row per dimension."""
+    import data
+    import train
+    policy = Policy.from_checkpoint(train.load_checkpoint(ckpt_path), "cpu")
+    cfg = policy.model.cfg
+    ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
+                   image_size=cfg.image_size, cache_frames=args.cache_frames)
+    report = token_accuracy(policy.model, policy.tokenizer, ds)
+    print(f"rt1: {ckpt_path} on 2,048 windows of {ds.sources[0].name}; blind = each instruction's most frequent token")
+    print("dim       accuracy  blind   bins off  blind")
+    for name, (acc, blind_acc, off, blind_off) in report.items():
+        print(f"{name:9s} {acc:8.3f}  {blind_acc:5.3f}   {off:8.1f}  {blind_off:5.1f}")
+    return report
 
 
 if __name__ == "__main__":

@@ -287,6 +287,27 @@ def test_a_few_steps_on_the_bridge_sample(tmp_path):
     assert model.vocabulary is None
 
 
+@pytest.mark.skipif(not BRIDGE.exists(), reason="the Bridge sample (../shared/data) is not here")
+def test_token_accuracy_against_the_frame_blind_baseline():
+    # ~2 s: every window of the Bridge sample through a tiny model. With every step sampled, the blind baseline
+    # (each instruction's most frequent token) is right on sum over instructions of its mode's count, out of all
+    # steps: a window whose acting step is not the step it was drawn for breaks that identity.
+    import data
+    ds = data.load(str(BRIDGE), history=TINY.history, image_size=TINY.image_size)
+    src = ds.sources[0]
+    tokenizer = rt1.ActionTokenizer(ds.stats)
+    model = rt1.RT1(rt1.Config(**{**asdict(TINY), "lang_dim": src.embedding.shape[1]}))
+    report = rt1.token_accuracy(model, tokenizer, ds, samples=10**6)
+    assert list(report) == list(rt1.DIMS)
+    tokens = tokenizer.encode(torch.as_tensor(np.asarray(src.action[:, :7], np.float32)),
+                              torch.zeros(len(src.action), dtype=torch.long)).numpy()
+    task = src.instruction[np.searchsorted(src.start, np.arange(len(tokens)), side="right") - 1]
+    for d, name in enumerate(rt1.DIMS):
+        modes = sum(np.bincount(tokens[task == t, d]).max() for t in np.unique(task))
+        assert report[name][1] == pytest.approx(modes / len(tokens))
+        assert 0 <= report[name][0] <= 1 and report[name][2] >= 0 and report[name][3] >= 0
+
+
 def test_checkpoint_round_trips_through_eval_sim(tmp_path):
     import eval_sim
     model = tiny(vocabulary=sorted(eval_sim.INSTRUCTIONS.values())).eval()
