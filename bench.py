@@ -318,11 +318,11 @@ def print_data(rows):
 
 def eval_policies(quick):
     """{name: policy} for the eval rows: the random policy, and an untrained RT-1 of the CPU-default config
-    (64 px; it fails every episode, so every episode runs the full 500 steps)."""
+    (rt1.CPU; it fails every episode, so every episode runs the full 500 steps)."""
     import eval_sim
     import rt1
     stats = [{"name": "metaworld", "action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}]
-    cfg = rt1.Config(image_size=32, layers=1, d_model=64, heads=2) if quick else rt1.Config(image_size=64)
+    cfg = rt1.Config(image_size=32, layers=1, d_model=64, heads=2) if quick else rt1.Config(**rt1.CPU)
     model = rt1.RT1(cfg, sorted(set(eval_sim.INSTRUCTIONS.values())))
     return {"random": eval_sim.RandomPolicy(), "rt1": rt1.Policy(model, rt1.ActionTokenizer(stats))}
 
@@ -418,9 +418,10 @@ def cpu_default_cases():
     s = [stats(7, 7)]
 
     def rt1_cpu():
-        cfg = rt1.Config(image_size=64)
+        cfg = rt1.Config(**rt1.CPU)
         tokenizer = rt1.ActionTokenizer(s, cfg.bins)
-        return rt1.RT1(cfg, ["pick up the block"]), lambda m, b: rt1.loss(m, b, tokenizer), batch(8, cfg.history, size=64)
+        return (rt1.RT1(cfg, ["pick up the block"]), lambda m, b: rt1.loss(m, b, tokenizer),
+                batch(rt1.CPU_BATCH, cfg.history, size=cfg.image_size))
 
     def gcbc_cpu():
         norm = gcbc.ActionNorm(s)
