@@ -55,7 +55,6 @@ def snapshots(out):
 
 def train_row(method, seed, out):
     """Train (or resume) the method's CPU default with 3 kept snapshots; its own evaluation is off."""
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
         c = train.load_checkpoint(ckpt)
@@ -124,6 +123,7 @@ def do_row(row, seed, episodes, curve_episodes, heldout_episodes, root, curve):
     """Train one row's run for one seed and score its last snapshot on mt10 and on the held-out tasks; with
     `curve`, its earlier snapshots on mt10."""
     out = root / f"{row}_s{seed}"
+    out.mkdir(parents=True, exist_ok=True)  # compare.log lands here for every row
     if row in METHODS:
         train_row(row, seed, out)
     snaps = kept(row, out)
