@@ -299,7 +299,7 @@ def test_token_accuracy_against_the_frame_blind_baseline():
     model = rt1.RT1(rt1.Config(**{**asdict(TINY), "lang_dim": src.embedding.shape[1]}))
     report = rt1.token_accuracy(model, tokenizer, ds, samples=10**6)
     assert list(report) == list(rt1.DIMS)
-    tokens = tokenizer.encode(torch.as_tensor(np.asarray(src.action[:, :7], np.float32)),
+    tokens = tokenizer.encode(torch.from_numpy(np.array(src.action[:, :7], np.float32)),
                               torch.zeros(len(src.action), dtype=torch.long)).numpy()
     task = src.instruction[np.searchsorted(src.start, np.arange(len(tokens)), side="right") - 1]
     for d, name in enumerate(rt1.DIMS):
