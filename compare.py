@@ -76,6 +76,11 @@ def results_path(row, out, step):
     return out / f"eval_{step}" / "results.json"
 
 
+def heldout_path(out, step):
+    """Where the held-out results of a run's final snapshot at `step` are."""
+    return out / f"heldout_{step}" / "results.json"
+
+
 def downstream_dir(row, out, step):
     """The folder of mcr.py --downstream's policy (ckpt.pt) and its evaluation, for an MCR row's snapshot."""
     return out / f"downstream_{step}" / f"downstream_{row.partition('-')[2] or 'mcr'}"
@@ -103,7 +108,7 @@ def score_heldout(row, seed, out, step, path, episodes):
     """Zero-shot: the final policy (for MCR, its downstream policy) on HELDOUT, tasks it never saw, into
     heldout_<step>/results.json. A policy whose instruction embedding is learned per training instruction (RT-1
     and GR-1 without pre-trained text features) has no input for an unseen task: that is recorded, not scored."""
-    results = out / f"heldout_{step}" / "results.json"
+    results = heldout_path(out, step)
     if results.exists() and json.loads(results.read_text())["episodes"] == episodes:
         return
     if row in ("expert", "random"):
@@ -151,11 +156,17 @@ def collect(rows, seeds, root):
                     seconds = train.load_checkpoint(snaps[step])["train_seconds"] if snaps[step] else 0.0
                     points.append({"step": step, "minutes": seconds / 60, "results": json.loads(path.read_text())})
             if points and points[-1]["step"] == max(snaps):
-                heldout = out / f"heldout_{max(snaps)}" / "results.json"
+                heldout = heldout_path(out, max(snaps))
                 if heldout.exists():
                     points[-1]["heldout"] = json.loads(heldout.read_text())
                 found.setdefault(row, {})[seed] = points
     return found
+
+
+def task_cells(results, tasks):
+    """"k/n" per task: successful episodes of the pooled results (one results.json per seed) out of their episodes."""
+    n = sum(r["episodes"] for r in results)
+    return [f"{sum(sum(r['per_episode'][t]) for r in results)}/{n}" for t in tasks]
 
 
 def cell(successes, total):
@@ -182,9 +193,8 @@ def table(found, seeds):
     lines += ["", "Successful episodes per task, seeds pooled:", "",
               "| method | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     for row, runs in found.items():
-        per = [sum(sum(p[-1]["results"]["per_episode"][t]) for p in runs.values()) for t in tasks]
-        n = sum(p[-1]["results"]["episodes"] for p in runs.values())
-        lines.append(f"| {NAMES[row]} | " + " | ".join(f"{k}/{n}" for k in per) + " |")
+        cells = task_cells([p[-1]["results"] for p in runs.values()], tasks)
+        lines.append(f"| {NAMES[row]} | " + " | ".join(cells) + " |")
     return "\n".join(lines + heldout_table(found))
 
 
@@ -203,9 +213,7 @@ def heldout_table(found):
                          f"so an unseen task has no input |" + " |" * len(tasks))
             continue
         wins, total = sum(h["successes"] for h in held), sum(h["total"] for h in held)
-        per = [sum(sum(h["per_episode"][t]) for h in held) for t in tasks]
-        n = sum(h["episodes"] for h in held)
-        lines.append(f"| {NAMES[row]} | {cell(wins, total)} | " + " | ".join(f"{k}/{n}" for k in per) + " |")
+        lines.append(f"| {NAMES[row]} | {cell(wins, total)} | " + " | ".join(task_cells(held, tasks)) + " |")
     return lines if len(lines) > 4 else []
 
 

@@ -407,7 +407,7 @@ def token_accuracy(model, tokenizer, ds, samples=2048, batch=128, seed=0):
     each instruction's most frequent token, the best a model blind to the frames can do. -> {dim: 4 numbers}."""
     src, model = ds.sources[0], model.eval()
     steps = np.random.default_rng(seed).choice(len(src.action), min(samples, len(src.action)), replace=False)
-    task_of = lambda step: src.instruction[np.searchsorted(src.start, step, side="right") - 1]
+    tasks = src.instruction[np.searchsorted(src.start, np.arange(len(src.action)), side="right") - 1]  # per step
     predicted, target = [], []
     for i in range(0, len(steps), batch):
         b = torch.utils.data.default_collate([ds[(0, int(s), 0)] for s in steps[i:i + batch]])
@@ -417,10 +417,9 @@ def token_accuracy(model, tokenizer, ds, samples=2048, batch=128, seed=0):
     predicted, target = torch.cat(predicted).numpy(), torch.cat(target).numpy()  # (samples, A)
     zero = torch.zeros(len(src.action), dtype=torch.long)
     every = tokenizer.encode(torch.from_numpy(np.array(src.action[:, :target.shape[1]], np.float32)), zero).numpy()
-    tasks = task_of(np.arange(len(src.action)))
     majority = {t: [np.bincount(column, minlength=tokenizer.bins).argmax() for column in every[tasks == t].T]
                 for t in np.unique(tasks)}
-    blind = np.array([majority[t] for t in task_of(steps)])  # (samples, A)
+    blind = np.array([majority[t] for t in tasks[steps]])  # (samples, A)
     names = DIMS if target.shape[1] == len(DIMS) else [str(d) for d in range(target.shape[1])]
     hit = lambda p, d: float(np.mean(p[:, d] == target[:, d]))  # token accuracy
     off = lambda p, d: float(np.mean(np.abs(p[:, d] - target[:, d])))  # mean distance in bins
@@ -477,10 +476,9 @@ def main():
         parser.error(f"--shift: expected two fractions, of the rows and of the columns (e.g. 0.078 0.156), "
                      f"got {list(cfg.shift)}")
     cfg = replace(cfg, torchvision_bn=bool(args.imagenet_weights))  # the BatchNorm its weights were trained with
-    if args.token_accuracy:
-        return print_token_accuracy(args.token_accuracy, args.data or eval_sim.default_data(), args)
-
     path = args.data or eval_sim.default_data()
+    if args.token_accuracy:
+        return print_token_accuracy(args.token_accuracy, path, args)
     ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
                    image_size=cfg.image_size, cache_frames=args.cache_frames)
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -532,8 +530,11 @@ def print_token_accuracy(ckpt_path, path, args):
     cfg = policy.model.cfg
     ds = data.load(path, args.split, data.keys_from(args), args.calvin_all_frames, history=cfg.history,
                    image_size=cfg.image_size, cache_frames=args.cache_frames)
-    report = token_accuracy(policy.model, policy.tokenizer, ds)
-    print(f"rt1: {ckpt_path} on 2,048 windows of {ds.sources[0].name}; blind = each instruction's most frequent token")
+    samples = 2048
+    report = token_accuracy(policy.model, policy.tokenizer, ds, samples)
+    windows = min(samples, len(ds.sources[0].action))
+    print(f"rt1: {ckpt_path} on {windows:,} windows of {ds.sources[0].name}; blind = each instruction's most "
+          f"frequent token")
     print("dim       accuracy  blind   bins off  blind")
     for name, (acc, blind_acc, off, blind_off) in report.items():
         print(f"{name:9s} {acc:8.3f}  {blind_acc:5.3f}   {off:8.1f}  {blind_off:5.1f}")
