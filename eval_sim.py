@@ -6,6 +6,7 @@ the CALVIN long-horizon benchmark where calvin_env is installed.
     python eval_sim.py evaluate --policy expert --tasks reach-v3,push-v3 --episodes 10
     python eval_sim.py evaluate --suite calvin --ckpt runs/gr1/ckpt.pt --calvin_data /data/task_ABC_D
     python eval_sim.py export --ckpt runs/rt1/ckpt.pt --out runs/rt1/export   # evaluate --ckpt runs/rt1/export
+    python eval_sim.py pixels --tasks mt10 --size 64     # how many pixels show each task's objects
 
 --tasks is mt10, mt50 or a comma list of MetaWorld task names (e.g. reach-v3,door-open-v3).
 
@@ -23,6 +24,10 @@ failure) to --out: an H.264 mp4 (PyAV), or a GIF where PyAV or its libx264 is mi
 
 export: a checkpoint's policy as model.safetensors, config.json and stats.json (train.export), which
 evaluate --ckpt loads without pickle.
+
+pixels: for each task and camera, how many pixels of a --size image show each of the task's objects and its
+goal marker (MuJoCo's segmentation rendering, mean over evaluation variations): whether a policy's image size
+still shows what it must find.
 Policies speak the standard 7-d action [dx, dy, dz, droll, dpitch, dyaw, gripper (1 open, 0 closed)];
 to_standard_action / to_env_action convert to and from MetaWorld's action. A policy has reset(num_envs)
 and act(obs, instructions) -> (N, 7), where obs holds uint8 image_primary and image_wrist (N, 3, H, W),
@@ -268,6 +273,38 @@ def expert_rollout(sim, i, seed, render=True):
             return steps, True
         obs = next_obs
     return steps, False
+
+
+SCENERY = ("world", "tablelink", "RetainingWall", "mocap")  # root bodies every task shares: floor, table, walls
+
+
+def object_pixels(task, size=128, episodes=5):
+    """{camera key: {object: pixels}}: how many pixels of each SIM_CAMERAS image at `size` show each of the
+    task's objects (a root body that is neither the robot nor SCENERY) and its goal marker (the site "goal"),
+    mean over the first `episodes` evaluation variations: how large what a policy must find is in its frames."""
+    sim = TaskSim(task, size)
+    model = sim.envs[0].model
+    robot = model.body_rootid[model.body("right_hand").id]
+    goal = [i for i in range(model.nsite) if model.site(i).name == "goal"]  # some tasks draw none
+    counts = {key: {} for key in SIM_CAMERAS}
+    sim.renderer.enable_segmentation_rendering()
+    try:
+        for seed in eval_seeds(episodes):
+            sim.reset(0, seed, render=False)
+            for key, camera in SIM_CAMERAS.items():
+                seg = sim.render(0, camera)  # (H, W, 2): each pixel's object id and object type
+                ids, kinds = seg[..., 0].ravel(), seg[..., 1].ravel()
+                for geom in ids[kinds == mujoco.mjtObj.mjOBJ_GEOM]:
+                    root = model.body_rootid[model.geom_bodyid[geom]]
+                    if root != robot and model.body(root).name not in SCENERY:
+                        name = model.body(root).name
+                        counts[key][name] = counts[key].get(name, 0) + 1 / episodes
+                if goal:
+                    marker = np.sum((kinds == mujoco.mjtObj.mjOBJ_SITE) & (ids == goal[0]))
+                    counts[key]["goal marker"] = counts[key].get("goal marker", 0) + marker / episodes
+    finally:
+        sim.close()
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1136,6 +1173,17 @@ def print_calvin_table(results):
         print(f"{task:<{width}}{success:4d} / {total:<4d} {100 * success / total:5.1f}%")
 
 
+def print_pixels(tasks, size, episodes):
+    """`pixels`: object_pixels of every task, one line per task and camera, largest object first."""
+    check_size(size)
+    print(f"pixels of a {size} x {size} image ({size * size:,}) that show each object, mean of {episodes} "
+          f"evaluation variations")
+    for task in parse_tasks(tasks):
+        for key, counts in object_pixels(task, size, episodes).items():
+            shown = sorted(counts.items(), key=lambda kv: -kv[1])
+            print(f"{task:<26}{key:<7}" + "  ".join(f"{name} {n:.1f}" for name, n in shown))
+
+
 def device():
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1164,9 +1212,12 @@ def main(argv=None):
     x = sub.add_parser("export", help="a checkpoint's policy as model.safetensors, config.json and stats.json")
     x.add_argument("--ckpt", required=True, help="checkpoint of any nanorobot method")
     x.add_argument("--out", required=True, help="folder for the three files (evaluate --ckpt takes it)")
-    for s in (c, e):
+    px = sub.add_parser("pixels", help="pixels each task's objects cover in each camera image (what 64 px still shows)")
+    px.add_argument("--episodes", type=int, default=5, help="evaluation variations to average over")
+    for s in (c, e, px):
         s.add_argument("--tasks", default="mt10", help="mt10, mt50 or a comma list of task names")
         s.add_argument("--size", type=int, default=128, help="camera image height and width (pixels)")
+    for s in (c, e):
         s.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
     args = p.parse_args(argv)
     try:
@@ -1174,6 +1225,8 @@ def main(argv=None):
             out, start = args.out or data_dir(args.tasks, args.episodes), time.time()
             path = collect(args.tasks, args.episodes, out, args.size, args.workers)
             print(f"wrote {path} in {(time.time() - start) / 60:.1f} min")
+        elif args.command == "pixels":
+            print_pixels(args.tasks, args.size, args.episodes)
         elif args.command == "export":
             export(args.ckpt, args.out)
             print(f"wrote model.safetensors, config.json and stats.json to {args.out}")

@@ -422,3 +422,16 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=rf"^eval_sim.py: --ckpt {tmp_path}: no config.json there; expected an "):
         eval_sim.main(["evaluate", "--ckpt", str(tmp_path)])  # a folder that is not an export
     assert not (tmp_path / "export").exists()
+
+
+def test_object_pixels_count_the_task_objects_only_and_scale_with_image_area(capsys):
+    # ~2 s: segmentation renders of one variation of two tasks
+    push = eval_sim.object_pixels("push-v3", 128, episodes=1)
+    assert set(push) == set(eval_sim.SIM_CAMERAS) and set(push["image"]) == {"obj", "goal marker"}  # no robot, table
+    assert 10 < push["image"]["obj"] < 60 and push["image"]["goal marker"] > 0  # a few of the 16,384 pixels
+    door, small = (eval_sim.object_pixels("door-open-v3", size, episodes=1)["image"]["door"] for size in (128, 64))
+    assert door > 20 * push["image"]["obj"] and 3.3 < door / small < 4.7  # a quarter of the pixels at half the size
+    eval_sim.main(["pixels", "--tasks", "push-v3", "--size", "32", "--episodes", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "32 x 32 image (1,024)" in lines[0] and [line.split()[:2] for line in lines[1:]] == [
+        ["push-v3", "image"], ["push-v3", "wrist"]]
