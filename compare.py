@@ -15,6 +15,8 @@ of each pre-training snapshot; its baseline row is the same test of an untrained
 and random actions are references. Every run's final scores come first, then the curves' earlier points (the
 long part: a stopped call leaves whole final numbers). Everything lands in the run folders: stopped at any
 moment, a second call resumes each run where it stopped and evaluates only what has no results.json yet.
+Each finished run's scores are also kept in docs/learning/runs.json (committed): the table pools seeds that ran
+on different days or machines, and `--table` on a fresh clone prints the README's table from it.
 """
 import argparse
 import json
@@ -163,6 +165,20 @@ def collect(rows, seeds, root):
     return found
 
 
+def remember(found, path):
+    """The record of finished runs, {"<row>_s<seed>": points}, kept in `path` (docs/learning/runs.json, committed,
+    one line per run): the table and curves of runs whose folders are gone (an earlier machine or session). A run
+    folder's scores replace its record; the rollout videos' names are left out (they live in the folders)."""
+    record = json.loads(path.read_text()) if path.exists() else {}
+    for row, runs in found.items():
+        for seed, points in runs.items():
+            record[f"{row}_s{seed}"] = [{**p, "results": {k: v for k, v in p["results"].items() if k != "videos"}}
+                                        for p in points]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(record.items())) + "\n}\n")
+    return record
+
+
 def task_cells(results, tasks):
     """"k/n" per task: successful episodes of the pooled results (one results.json per seed) out of their episodes."""
     n = sum(r["episodes"] for r in results)
@@ -250,7 +266,7 @@ def main(argv=None):
     p.add_argument("--heldout_episodes", type=int, default=5,
                    help=f"episodes per held-out task ({HELDOUT}) for each run's last snapshot; 0: none")
     p.add_argument("--out", default="runs/compare", help="run folders")
-    p.add_argument("--plots", default="docs/learning", help="one learning-curve PNG per method")
+    p.add_argument("--plots", default="docs/learning", help="one learning-curve PNG per method, and runs.json")
     p.add_argument("--table", action="store_true", help="only print the table and draw the curves")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
@@ -266,14 +282,15 @@ def main(argv=None):
                     if row in ("expert", "random") and seed != args.seeds[0]:
                         continue  # references: one seed
                     do_row(row, seed, args.episodes, args.curve_episodes, args.heldout_episodes, root, curve)
-    found = collect(rows, args.seeds, root)
+    record = remember(collect(rows, args.seeds, root), Path(args.plots) / "runs.json")
+    found = {row: {s: record[f"{row}_s{s}"] for s in args.seeds if f"{row}_s{s}" in record} for row in rows}
+    found = {row: runs for row, runs in found.items() if runs}
     print(table(found, args.seeds))
     references = {NAMES[r]: np.mean([p[-1]["results"]["mean"] for p in found[r].values()])
                   for r in ("expert", "random") if r in found}
     os.makedirs(args.plots, exist_ok=True)
     for row in [r for r in found if r in METHODS]:
         plot(row, found[row], references, os.path.join(args.plots, f"{row}.png"))
-    (root / "summary.json").write_text(json.dumps(found, indent=1))
 
 
 if __name__ == "__main__":

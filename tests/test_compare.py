@@ -1,6 +1,6 @@
-"""compare.py: the references' rows are evaluated once, tabulated with Wilson intervals and resumed; the
-learning-curve plot. (The method rows run each method's CPU default on the MetaWorld data: the README's
-Results, not a test.)"""
+"""compare.py: the references' rows are evaluated once, tabulated with Wilson intervals, resumed and recorded
+(the table again from the record alone); the learning-curve plot. (The method rows run each method's CPU
+default on the MetaWorld data: the README's Results, not a test.)"""
 import json
 
 import numpy as np
@@ -35,7 +35,13 @@ def test_reference_rows_are_scored_once_and_tabulated_with_intervals(tmp_path, c
     stamp = (tmp_path / "runs" / "expert_s0" / "eval_0" / "results.json").stat().st_mtime_ns
     compare.main(argv)  # resumed: nothing is evaluated again
     assert (tmp_path / "runs" / "expert_s0" / "eval_0" / "results.json").stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "runs" / "summary.json").read_text()).keys() == {"expert", "random"}
+    record = json.loads((tmp_path / "plots" / "runs.json").read_text())
+    assert record.keys() == {"expert_s0", "random_s0"} and record["expert_s0"][0]["results"]["successes"] == \
+        results["expert"]["successes"]
+    capsys.readouterr()
+    compare.main(["--rows", "expert,random", "--seeds", "0", "--table", "--out", str(tmp_path / "gone"),
+                  "--plots", str(tmp_path / "plots")])  # a fresh clone: no run folders, the committed record
+    assert capsys.readouterr().out == out[out.index("| method | seed 0"):]
 
 
 def test_learning_curve_plot(tmp_path):
