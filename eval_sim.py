@@ -294,11 +294,12 @@ def object_pixels(task, size=128, episodes=5):
             for key, camera in SIM_CAMERAS.items():
                 seg = sim.render(0, camera)  # (H, W, 2): each pixel's object id and object type
                 ids, kinds = seg[..., 0].ravel(), seg[..., 1].ravel()
-                for geom in ids[kinds == mujoco.mjtObj.mjOBJ_GEOM]:
+                geoms, pixels = np.unique(ids[kinds == mujoco.mjtObj.mjOBJ_GEOM], return_counts=True)
+                for geom, n in zip(geoms, pixels):
                     root = model.body_rootid[model.geom_bodyid[geom]]
                     if root != robot and model.body(root).name not in SCENERY:
                         name = model.body(root).name
-                        counts[key][name] = counts[key].get(name, 0) + 1 / episodes
+                        counts[key][name] = counts[key].get(name, 0) + n / episodes
                 if goal:
                     marker = np.sum((kinds == mujoco.mjtObj.mjOBJ_SITE) & (ids == goal[0]))
                     counts[key]["goal marker"] = counts[key].get("goal marker", 0) + marker / episodes

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 
@@ -424,14 +425,24 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_object_pixels_count_the_task_objects_only_and_scale_with_image_area(capsys):
-    # ~2 s: segmentation renders of one variation of two tasks
-    push = eval_sim.object_pixels("push-v3", 128, episodes=1)
-    assert set(push) == set(eval_sim.SIM_CAMERAS) and set(push["image"]) == {"obj", "goal marker"}  # no robot, table
-    assert 10 < push["image"]["obj"] < 60 and push["image"]["goal marker"] > 0  # a few of the 16,384 pixels
-    door, small = (eval_sim.object_pixels("door-open-v3", size, episodes=1)["image"]["door"] for size in (128, 64))
-    assert door > 20 * push["image"]["obj"] and 3.3 < door / small < 4.7  # a quarter of the pixels at half the size
-    eval_sim.main(["pixels", "--tasks", "push-v3", "--size", "32", "--episodes", "1"])
-    lines = capsys.readouterr().out.splitlines()
-    assert "32 x 32 image (1,024)" in lines[0] and [line.split()[:2] for line in lines[1:]] == [
-        ["push-v3", "image"], ["push-v3", "wrist"]]
+def pixel_table(tasks, size):
+    """`python eval_sim.py pixels` in its own process (a MuJoCo renderer made in the pytest process, after the tests
+    before it, can crash EGL) -> {(task, camera): {object: pixels}}, and the header line."""
+    done = subprocess.run([sys.executable, "eval_sim.py", "pixels", "--tasks", tasks, "--size", str(size),
+                           "--episodes", "1"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, check=True)
+    header, *lines = done.stdout.splitlines()
+    return header, {(line[:26].strip(), line[26:33].strip()): {
+        name: float(n) for name, n in (item.rsplit(" ", 1) for item in line[33:].split("  "))} for line in lines}
+
+
+def test_object_pixels_count_the_task_objects_only_and_scale_with_image_area():
+    # ~10 s: segmentation renders of one variation of two tasks at two sizes, in two processes
+    header, large = pixel_table("push-v3,door-open-v3", 128)
+    _, small = pixel_table("door-open-v3", 64)
+    assert "128 x 128 image (16,384)" in header
+    assert set(large) == {(t, c) for t in ("push-v3", "door-open-v3") for c in eval_sim.SIM_CAMERAS}
+    push, door = large["push-v3", "image"], large["door-open-v3", "image"]["door"]
+    assert set(push) == {"obj", "goal marker"}  # no robot, no table
+    assert 10 < push["obj"] < 60 and push["goal marker"] > 0  # a few of the 16,384 pixels
+    assert door > 20 * push["obj"] and 3.3 < door / small["door-open-v3", "image"]["door"] < 4.7  # a quarter at half
