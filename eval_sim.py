@@ -285,7 +285,7 @@ def object_pixels(task, size=128, episodes=5):
     sim = TaskSim(task, size)
     model = sim.envs[0].model
     robot = model.body_rootid[model.body("right_hand").id]
-    goal = [i for i in range(model.nsite) if model.site(i).name == "goal"]  # some tasks draw none
+    goal = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")  # -1: the task draws none
     counts = {key: {} for key in SIM_CAMERAS}
     sim.renderer.enable_segmentation_rendering()
     try:
@@ -297,11 +297,11 @@ def object_pixels(task, size=128, episodes=5):
                 geoms, pixels = np.unique(ids[kinds == mujoco.mjtObj.mjOBJ_GEOM], return_counts=True)
                 for geom, n in zip(geoms, pixels):
                     root = model.body_rootid[model.geom_bodyid[geom]]
-                    if root != robot and model.body(root).name not in SCENERY:
-                        name = model.body(root).name
+                    name = model.body(root).name
+                    if root != robot and name not in SCENERY:
                         counts[key][name] = counts[key].get(name, 0) + n / episodes
-                if goal:
-                    marker = np.sum((kinds == mujoco.mjtObj.mjOBJ_SITE) & (ids == goal[0]))
+                if goal >= 0:
+                    marker = np.sum((kinds == mujoco.mjtObj.mjOBJ_SITE) & (ids == goal))
                     counts[key]["goal marker"] = counts[key].get("goal marker", 0) + marker / episodes
     finally:
         sim.close()
@@ -1179,10 +1179,12 @@ def print_pixels(tasks, size, episodes):
     check_size(size)
     print(f"pixels of a {size} x {size} image ({size * size:,}) that show each object, mean of {episodes} "
           f"evaluation variations")
-    for task in parse_tasks(tasks):
+    tasks = parse_tasks(tasks)
+    width = max(map(len, tasks)) + 2
+    for task in tasks:
         for key, counts in object_pixels(task, size, episodes).items():
             shown = sorted(counts.items(), key=lambda kv: -kv[1])
-            print(f"{task:<26}{key:<7}" + "  ".join(f"{name} {n:.1f}" for name, n in shown))
+            print(f"{task:<{width}}{key:<7}" + "  ".join(f"{name} {n:.1f}" for name, n in shown))
 
 
 def device():

@@ -432,8 +432,9 @@ def pixel_table(tasks, size):
                            "--episodes", "1"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           capture_output=True, text=True, check=True)
     header, *lines = done.stdout.splitlines()
-    return header, {(line[:26].strip(), line[26:33].strip()): {
-        name: float(n) for name, n in (item.rsplit(" ", 1) for item in line[33:].split("  "))} for line in lines}
+    rows = [line.split(None, 2) for line in lines]  # task, camera, "name pixels  name pixels ..."
+    return header, {(task, camera): {name: float(n) for name, n in (item.rsplit(" ", 1) for item in rest.split("  "))}
+                    for task, camera, rest in rows}
 
 
 def test_object_pixels_count_the_task_objects_only_and_scale_with_image_area():
