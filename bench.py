@@ -10,6 +10,7 @@
     python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
     python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (compile, workers): loss, samples/s
     python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20: ms per evaluation step
+    python bench.py --profile rt1          # where one paper-config training step spends its time, by operator
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
 and fp32 on a CPU, without and with torch.compile, on a synthetic batch with the shapes and dtypes each
@@ -475,6 +476,44 @@ def levers(methods, rounds):
         print(f"{name:<6} {B:>5} " + " ".join(f"{B / min(t[1:]):>10.1f}" for t in seconds.values()), flush=True)
 
 
+def kind_of(op, shapes):
+    """An operator's share of a step: depthwise / other convolution, matmul, or the rest. A depthwise
+    convolution's weight is (C, 1, k, k) with C > 1 and k > 1 among its recorded input shapes."""
+    if "conv" in op:
+        depthwise = any(len(s) == 4 and s[0] > 1 and s[1] == 1 and s[2] > 1 for s in shapes)
+        return "depthwise convolutions" if depthwise else "other convolutions"
+    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu"):
+        return "matmuls and attention"
+    return "everything else"
+
+
+def profile(name, B, device, amp, quick=False, top=12):
+    """Where one training step of `name` at its paper configuration spends its time: torch.profiler's operators
+    by self time after a warm-up step, then their sum by kind (kind_of). Prints both."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    import train
+    torch.manual_seed(0)
+    model, loss_fn, b = CASES[name][0](B, quick)
+    model.to(device).train()
+    b = train.to_device(b, device)
+    step = step_fn(model, loss_fn, train.make_optimizer(model, train.TrainConfig(), device), amp, device)
+    step(b)
+    cuda = device.type == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
+        step(b)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+    kinds = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        kind = kind_of(e.key, [s for s in e.input_shapes if isinstance(s, list)])
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, key)
+    total = sum(kinds.values())
+    print(f"{name}, one training step at batch {B} ({'bf16' if amp else 'fp32'}), self time by kind: " + ", ".join(
+        f"{k} {v / total:.1%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + f" of {total / 1e6:.2f} s")
+    return kinds
+
+
 def fmt(x, spec):  # spec like "10.1f": a right-aligned "-" of the same width for a missing value
     return f"{'-':>{int(spec.split('.')[0])}}" if x is None else format(x, spec)
 
@@ -496,12 +535,19 @@ def main(argv=None):
                    help="each method's CPU-default step in fp32 / bf16, with and without channels_last (best of 3)")
     p.add_argument("--check", choices=CHECKS, help="train each method's CPU default for --steps (60) steps in each "
                    "variant (dtype: fp32/bf16; compile: eager/compiled; workers: 0/1/2 DataLoader workers) and compare")
+    p.add_argument("--profile", metavar="METHOD", choices=CASES, help="only where one paper-configuration "
+                   "training step of METHOD spends its time (torch.profiler, by operator and by kind)")
     p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 (ms per evaluation step)")
     args = p.parse_args(argv)
     if args.act:
         method, ms = bench_act(args.act)
         return print(f"{method} policy.act: {ms:.1f} ms per call at batch 20 ({torch.get_num_threads()} threads, "
                      f"random 128-px observations, {args.act})")
+    if args.profile:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return profile(args.profile, args.batch or (CASES[args.profile][1] if device.type == "cuda" else 2), device, amp,
+                       args.quick)
     if args.levers:
         return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
     if args.check:

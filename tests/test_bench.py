@@ -50,3 +50,15 @@ def test_levers_times_a_cpu_default_step_in_each_dtype_and_memory_format(capsys)
     bench.levers(["gcbc"], rounds=1)
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[:2] == ["gcbc", "32"] and all(float(x) > 0 for x in row[2:6])
+
+
+def test_profile_splits_a_training_step_by_operator_kind(capsys):
+    """RT-1's tiny EfficientNet has depthwise convolutions; its transformer has matmuls. The shares add to one."""
+    import torch
+    assert bench.kind_of("aten::convolution", [[2, 8, 16, 16], [8, 1, 3, 3]]) == "depthwise convolutions"
+    assert bench.kind_of("aten::mkldnn_convolution", [[2, 8, 16, 16], [16, 8, 1, 1]]) == "other convolutions"
+    assert bench.kind_of("aten::addmm", [[4], [2, 8], [8, 4]]) == "matmuls and attention"
+    kinds = bench.profile("rt1", 2, torch.device("cpu"), None, quick=True)
+    out = capsys.readouterr().out
+    assert kinds["depthwise convolutions"] > 0 and kinds["matmuls and attention"] > 0, kinds
+    assert "self time by kind: " in out and "aten::" in out
