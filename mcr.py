@@ -505,7 +505,7 @@ def make_encoder(spec, imagenet_weights=None, seed=0):
 # The CPU default: the real ResNet-50, but 64 px crops, CPU_STEPS steps of CPU_BATCH trajectories, and a
 # downstream test on CPU_TASKS with CPU_DEMOS demonstrations each and CPU_EPISODES evaluation episodes.
 CPU_SIZE, CPU_STEPS, CPU_BATCH = 64, 300, 16
-CPU_TASKS, CPU_DEMOS, CPU_BC_STEPS, CPU_EPISODES = "drawer-close-v3,button-press-topdown-v3,reach-v3", 10, 1000, 3
+CPU_TASKS, CPU_DEMOS, CPU_BC_STEPS, CPU_EPISODES = "drawer-close-v3,button-press-topdown-v3,reach-v3", 10, 5000, 3
 
 
 def main():
