@@ -381,11 +381,12 @@ def matmul_peak(device, dtype=torch.float32, threads=None):
 
 
 # What "auto" picks on a CPU, per method: the faster of fp32 / bf16 / NHWC in each method's CPU-default step,
-# `python bench.py --levers` on the idle 2-core machine (AVX512-BF16), samples/s fp32 -> chosen: RT-1 3.8 ->
-# 5.4 (bf16 + NHWC), GC-BC 62.4 -> 94.9 (bf16; NHWC is slower for its GroupNorm ResNet), HPT 58.8 -> 65.5
-# (NHWC; bf16 is slower), GR-1 37.4 (neither helps), MCR 8.7 -> 17.4 (bf16 + NHWC); bf16 only where
-# `python bench.py --dtype_check` found the same loss as fp32 (docs/benchmarks.md, "CPU levers").
-CPU_BF16 = frozenset({"rt1", "gcbc", "mcr"})
+# `python bench.py --levers` on the idle 2-core machine (AVX512-BF16), samples/s fp32 -> chosen: RT-1 (its
+# cut-down CPU default, batch 32) 48.2 -> 62.5 (NHWC; bf16 + NHWC 42.8), GC-BC 62.4 -> 94.9 (bf16; NHWC is
+# slower for its GroupNorm ResNet), HPT 58.8 -> 65.5 (NHWC; bf16 is slower), GR-1 37.4 (neither helps), MCR
+# 8.7 -> 17.4 (bf16 + NHWC); bf16 only where `python bench.py --check dtype` found the same loss as fp32
+# (docs/benchmarks.md, "CPU levers").
+CPU_BF16 = frozenset({"gcbc", "mcr"})
 CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "mcr"})
 
 
