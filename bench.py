@@ -543,11 +543,6 @@ def main(argv=None):
         method, ms = bench_act(args.act)
         return print(f"{method} policy.act: {ms:.1f} ms per call at batch 20 ({torch.get_num_threads()} threads, "
                      f"random 128-px observations, {args.act})")
-    if args.profile:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        return profile(args.profile, args.batch or (CASES[args.profile][1] if device.type == "cuda" else 2), device, amp,
-                       args.quick)
     if args.levers:
         return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
     if args.check:
@@ -559,6 +554,9 @@ def main(argv=None):
         raise SystemExit(f"bench.py: --methods {unknown}: expected some of {list(CASES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    batch_of = lambda name: args.batch or (4 if args.quick else CASES[name][1] if device.type == "cuda" else 2)
+    if args.profile:
+        return profile(args.profile, batch_of(args.profile), device, amp, args.quick)
     compiles = (False,) if args.quick or args.no_compile else (False, True)
     steps = args.steps or (10 if device.type == "cuda" else 2)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
@@ -570,7 +568,7 @@ def main(argv=None):
 
     rows = []
     for name in args.methods.split(","):
-        B = args.batch or (4 if args.quick else CASES[name][1] if device.type == "cuda" else 2)
+        B = batch_of(name)
         rows.append(bench_method(name, B, steps, args.quick, device, amp, compiles))
     print(f"\n{'method':<10} {'batch':>5} {'params':>12} {'GFLOP/sample':>12} {'samples/s':>10} "
           f"{'compiled':>9} {'GFLOP/s':>9} {'peak GB':>8} {'MFU':>6}")
@@ -582,7 +580,7 @@ def main(argv=None):
     import eval_sim
     path = args.data or os.path.join(eval_sim.data_dir("mt10", 50), eval_sim.VERSION)
     if any(name.startswith("hpt") for name in args.methods.split(",")):
-        B = args.batch or (4 if args.quick else CASES["hpt-base"][1] if device.type == "cuda" else 2)
+        B = batch_of("hpt-base")
         print(f"\nHPT, frozen ResNet-18 at {32 if args.quick else 224} px: live frames vs cached features "
               f"(interleaved steps, batch {B})")
         print(f"{'trunk':<6} {'frames':>6} {'live samples/s':>15} {'cached samples/s':>17} {'speed-up':>9}")
