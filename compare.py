@@ -155,8 +155,9 @@ def collect(rows, seeds, root):
             for step in sorted(snaps):
                 path = results_path(row, out, step)
                 if path.exists():
-                    seconds = train.load_checkpoint(snaps[step])["train_seconds"] if snaps[step] else 0.0
-                    points.append({"step": step, "minutes": seconds / 60, "results": json.loads(path.read_text())})
+                    ckpt = train.load_checkpoint(snaps[step]) if snaps[step] else {}
+                    points.append({"step": step, "minutes": ckpt.get("train_seconds", 0.0) / 60,
+                                   "dtype": ckpt.get("amp_dtype"), "results": json.loads(path.read_text())})
             if points and points[-1]["step"] == max(snaps):
                 heldout = heldout_path(out, max(snaps))
                 if heldout.exists():
@@ -243,8 +244,9 @@ def plot(row, runs, references, path):
         x = [p["minutes"] for p in points]
         y = [100 * p["results"]["successes"] / p["results"]["total"] for p in points]
         bounds = np.array([eval_sim.wilson(p["results"]["successes"], p["results"]["total"]) for p in points]) * 100
+        dtype = points[-1].get("dtype")  # what it trained in (a default can change between seeds' runs)
         ax.errorbar(x, y, yerr=[np.subtract(y, bounds[:, 0]), bounds[:, 1] - y], marker="o", capsize=3,
-                    label=f"seed {seed}")
+                    label=f"seed {seed}" + (f", {dtype}" if dtype else ""))
     for name, rate in references.items():
         ax.axhline(100 * rate, ls="--", lw=1, color="gray")
         ax.text(0, 100 * rate + 1.5, name, fontsize=7, color="gray")
