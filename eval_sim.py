@@ -784,11 +784,14 @@ def export(ckpt, out):
 def rebuild_policy(module, ckpt, device, path):
     """module.Policy.from_checkpoint(ckpt, device); what it raises on a checkpoint that does not fit the
     method's code becomes one EvalError naming the checkpoint and what is wrong."""
+    import torch
     import train
     method = f"{module.__name__}.Policy.from_checkpoint"
     try:
         policy = module.Policy.from_checkpoint(ckpt, device)
         policy.amp_dtype = ckpt.get("amp_dtype", "fp32")  # the training's autocast dtype (older checkpoints: fp32)
+        if ckpt.get("channels_last"):  # NHWC convolutions, as in training (older checkpoints: NCHW)
+            policy.model.to(memory_format=torch.channels_last)
         return policy
     except KeyError as e:
         raise EvalError(f"--ckpt {path}: lacks the key {e} that {method} reads (written by another version of "

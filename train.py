@@ -231,7 +231,8 @@ def checkpoint_problem(ckpt):
 # ---------------------------------------------------------------------------------------------------
 # export: a checkpoint's policy as safetensors and JSON, which load back without pickle
 
-EXPORTED = ("method", "config", "train_config", "step", "amp_dtype", "instructions", "train_seconds")  # config.json
+EXPORTED = ("method", "config", "train_config", "step", "amp_dtype", "channels_last", "instructions",
+            "train_seconds")  # config.json
 
 
 def export(ckpt_path, out_dir):
@@ -509,6 +510,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                     ckpt = {"method": method, "config": config, "model": model.state_dict(), "step": done,
                             "stats": dataset.stats, "instructions": dataset.instructions, "train_config": asdict(cfg),
                             "amp_dtype": "bf16" if amp == torch.bfloat16 else "fp32",  # resolved: eval runs in it
+                            "channels_last": use_channels_last(cfg, device, method),  # resolved: and in this layout
                             "train_seconds": time.time() - t_start}  # wall time of the steps, over resumes
                     if keep:  # weights only: for evaluation, not for resuming
                         save_checkpoint(out / f"ckpt_{done}.pt", ckpt)

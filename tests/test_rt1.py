@@ -341,10 +341,13 @@ def test_export_acts_as_its_checkpoint_and_loads_without_pickle(tmp_path, export
     vocabulary = sorted(eval_sim.INSTRUCTIONS.values())
     low, high = [-1.0, -1, -1, 0, 0, 0, 0], [1.0, 1, 1, 0, 0, 0, 1]
     torch.save({"method": "rt1", "config": {**asdict(TINY), "vocabulary": vocabulary}, "amp_dtype": "fp32",
-                "model": tiny(vocabulary=vocabulary).state_dict(), "stats": stats(low, high), "step": 1},
-               tmp_path / "ckpt.pt")
+                "channels_last": True, "model": tiny(vocabulary=vocabulary).state_dict(), "stats": stats(low, high),
+                "step": 1}, tmp_path / "ckpt.pt")
     policy, exported, method = export_round_trip(tmp_path / "ckpt.pt")
     assert method == "rt1" and exported.amp_dtype == "fp32"
+    for p in (policy, exported):  # trained NHWC: its convolutions compute NHWC at evaluation too
+        stem = next(w for w in p.model.parameters() if w.dim() == 4 and w.shape[-1] > 1)
+        assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
     rng = np.random.default_rng(0)
     for p in (policy, exported):
         p.reset(2)

@@ -121,6 +121,7 @@ def test_checkpoint_holds_what_eval_needs(tmp_path):
     assert ckpt["instructions"] and "optimizer" in ckpt and ckpt["train_config"]["steps"] == 5
     assert json.loads((tmp_path / "stats.json").read_text()) == ckpt["stats"]
     assert ckpt["amp_dtype"] == "fp32"  # the resolved autocast dtype (tiny_job asks for none: auto on a CPU)
+    assert ckpt["channels_last"] is False  # resolved too: auto, and tiny is not in CPU_CHANNELS_LAST
 
 
 @bridge
