@@ -9,7 +9,7 @@
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
     python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
     python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (compile, workers): loss, samples/s
-    python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20: ms per evaluation step
+    python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20, NCHW vs NHWC: ms per evaluation step
     python bench.py --profile rt1          # where one paper-config training step spends its time, by operator
 
 Training rows: samples/s of whole training steps (forward, loss, backward, AdamW) in bf16 autocast on a GPU
@@ -346,10 +346,12 @@ def bench_eval(quick):
     return rates
 
 
-def bench_act(ckpt, n=20, calls=20):
+def bench_act(ckpt, n=20, calls=15, warmup=4):
     """A checkpoint's Policy.act (through eval_sim.act, as an evaluation calls it) on n random 128-px
-    observations, after 8 warm-up calls -> ms per call. An evaluation of n episodes per task makes one such
-    call per step; the environments' step and render are the rest of its time."""
+    observations, with the model's weights in NCHW and in NHWC alternating call by call (one run, a ratio: this
+    machine is noisy), `warmup` calls of each first -> method, {layout: median ms per call}, the largest
+    difference between the two layouts' actions, the layout the checkpoint trained in (evaluation acts in it).
+    An evaluation of n episodes per task makes one such call per step; the environments are the rest."""
     import importlib
     import numpy as np
     import eval_sim
@@ -364,12 +366,19 @@ def bench_act(ckpt, n=20, calls=20):
     image = lambda: rng.integers(0, 256, (n, 3, 128, 128), dtype=np.uint8)
     obs = {"image_primary": image(), "image_wrist": image(), "goal_image_primary": image(),
            "state": rng.normal(size=(n, 4)).astype(np.float32)}
-    policy.reset(n)
-    for i in range(8 + calls):
-        if i == 8:
-            start = time.perf_counter()
-        eval_sim.act(policy, obs, instructions)
-    return method, 1000 * (time.perf_counter() - start) / calls
+    formats = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
+    times, actions = {k: [] for k in formats}, {}
+    for i in range(2 * (warmup + calls)):
+        layout = "NHWC" if i % 2 else "NCHW"
+        policy.model.to(memory_format=formats[layout])
+        policy.reset(n)  # each call starts an episode: the same history for both layouts
+        start = time.perf_counter()
+        actions[layout] = eval_sim.act(policy, obs, instructions)
+        if i >= 2 * warmup:
+            times[layout].append(1000 * (time.perf_counter() - start))
+    trained = "NHWC" if checkpoint.get("channels_last") else "NCHW"
+    diff = float(np.abs(actions["NCHW"] - actions["NHWC"]).max())
+    return method, {k: float(np.median(v)) for k, v in times.items()}, diff, trained
 
 
 METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
@@ -537,12 +546,14 @@ def main(argv=None):
                    "variant (dtype: fp32/bf16; compile: eager/compiled; workers: 0/1/2 DataLoader workers) and compare")
     p.add_argument("--profile", metavar="METHOD", choices=CASES, help="only where one paper-configuration "
                    "training step of METHOD spends its time (torch.profiler, by operator and by kind)")
-    p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 (ms per evaluation step)")
+    p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 in NCHW and NHWC, interleaved (ms per evaluation step)")
     args = p.parse_args(argv)
     if args.act:
-        method, ms = bench_act(args.act)
-        return print(f"{method} policy.act: {ms:.1f} ms per call at batch 20 ({torch.get_num_threads()} threads, "
-                     f"random 128-px observations, {args.act})")
+        method, ms, diff, trained = bench_act(args.act)
+        return print(f"{method} policy.act at batch 20 (random 128-px observations, {torch.get_num_threads()} "
+                     f"threads, {args.act}; trained and evaluated {trained}), median of 15 calls each, layouts "
+                     f"interleaved: NCHW {ms['NCHW']:.1f} ms, NHWC {ms['NHWC']:.1f} ms "
+                     f"({ms['NCHW'] / ms['NHWC']:.2f}x); largest action difference {diff:.1e}")
     if args.levers:
         return levers(args.methods.split(",") if "--methods" in (argv or sys.argv) else list(METHOD_FILES), args.levers)
     if args.check:

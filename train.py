@@ -433,7 +433,8 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     ckpt_path = out / "ckpt.pt"
     micro = cfg.batch_size // (world * cfg.grad_accum)
     model.to(device)
-    if use_channels_last(cfg, device, method):  # NHWC weights make every convolution compute in NHWC
+    nhwc = use_channels_last(cfg, device, method)
+    if nhwc:  # NHWC weights make every convolution compute in NHWC
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, device)
     start, seconds = 0, 0.0  # seconds: training time before this process, from the checkpoint
@@ -452,7 +453,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         log(f"{method}: {n_params:,} trainable parameters | {world} rank(s) on {device.type} | "
-            f"{amp or torch.float32}{' | channels_last' if use_channels_last(cfg, device, method) else ''} | "
+            f"{amp or torch.float32}{' | channels_last' if nhwc else ''} | "
             f"global batch {cfg.batch_size} = {world} x {micro} x {cfg.grad_accum} | "
             f"steps {start} -> {cfg.steps}")
     peak = matmul_peak(device, amp or torch.float32, torch.get_num_threads())
@@ -510,7 +511,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                     ckpt = {"method": method, "config": config, "model": model.state_dict(), "step": done,
                             "stats": dataset.stats, "instructions": dataset.instructions, "train_config": asdict(cfg),
                             "amp_dtype": "bf16" if amp == torch.bfloat16 else "fp32",  # resolved: eval runs in it
-                            "channels_last": use_channels_last(cfg, device, method),  # resolved: and in this layout
+                            "channels_last": nhwc,  # resolved: and in this layout
                             "train_seconds": time.time() - t_start}  # wall time of the steps, over resumes
                     if keep:  # weights only: for evaluation, not for resuming
                         save_checkpoint(out / f"ckpt_{done}.pt", ckpt)
