@@ -350,7 +350,7 @@ def bench_act(ckpt, n=20, calls=15, warmup=4):
     """A checkpoint's Policy.act (through eval_sim.act, as an evaluation calls it) on n random 128-px
     observations, with the model's weights in NCHW and in NHWC alternating call by call (one run, a ratio: this
     machine is noisy), `warmup` calls of each first -> method, {layout: median ms per call}, the largest
-    difference between the two layouts' actions, the layout the checkpoint trained in (evaluation acts in it).
+    difference between the two layouts' actions, the layout the checkpoint records (evaluation acts in it).
     An evaluation of n episodes per task makes one such call per step; the environments are the rest."""
     import importlib
     import numpy as np
@@ -376,7 +376,7 @@ def bench_act(ckpt, n=20, calls=15, warmup=4):
         actions[layout] = eval_sim.act(policy, obs, instructions)
         if i >= 2 * warmup:
             times[layout].append(1000 * (time.perf_counter() - start))
-    trained = "NHWC" if checkpoint.get("channels_last") else "NCHW"
+    trained = {True: "NHWC", False: "NCHW"}.get(checkpoint.get("channels_last"), "NCHW (no layout recorded)")
     diff = float(np.abs(actions["NCHW"] - actions["NHWC"]).max())
     return method, {k: float(np.median(v)) for k, v in times.items()}, diff, trained
 
@@ -551,7 +551,7 @@ def main(argv=None):
     if args.act:
         method, ms, diff, trained = bench_act(args.act)
         return print(f"{method} policy.act at batch 20 (random 128-px observations, {torch.get_num_threads()} "
-                     f"threads, {args.act}; trained and evaluated {trained}), median of 15 calls each, layouts "
+                     f"threads, {args.act}; evaluated in {trained}), median of 15 calls each, layouts "
                      f"interleaved: NCHW {ms['NCHW']:.1f} ms, NHWC {ms['NHWC']:.1f} ms "
                      f"({ms['NCHW'] / ms['NHWC']:.2f}x); largest action difference {diff:.1e}")
     if args.levers:
