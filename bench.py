@@ -376,9 +376,9 @@ def bench_act(ckpt, n=20, calls=15, warmup=4):
         actions[layout] = eval_sim.act(policy, obs, instructions)
         if i >= 2 * warmup:
             times[layout].append(1000 * (time.perf_counter() - start))
-    trained = {True: "NHWC", False: "NCHW"}.get(checkpoint.get("channels_last"), "NCHW (no layout recorded)")
+    recorded = {True: "NHWC", False: "NCHW"}.get(checkpoint.get("channels_last"), "NCHW (no layout recorded)")
     diff = float(np.abs(actions["NCHW"] - actions["NHWC"]).max())
-    return method, {k: float(np.median(v)) for k, v in times.items()}, diff, trained
+    return method, {k: float(np.median(v)) for k, v in times.items()}, diff, recorded
 
 
 METHOD_FILES = ("rt1", "gcbc", "hpt", "gr1", "mcr")
@@ -546,12 +546,14 @@ def main(argv=None):
                    "variant (dtype: fp32/bf16; compile: eager/compiled; workers: 0/1/2 DataLoader workers) and compare")
     p.add_argument("--profile", metavar="METHOD", choices=CASES, help="only where one paper-configuration "
                    "training step of METHOD spends its time (torch.profiler, by operator and by kind)")
-    p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 in NCHW and NHWC, interleaved (ms per evaluation step)")
+    p.add_argument("--act", metavar="CKPT", help="only time CKPT's Policy.act at batch 20 in NCHW and NHWC, "
+                                                 "interleaved (ms per evaluation step)")
     args = p.parse_args(argv)
     if args.act:
-        method, ms, diff, trained = bench_act(args.act)
+        calls = 15
+        method, ms, diff, recorded = bench_act(args.act, calls=calls)
         return print(f"{method} policy.act at batch 20 (random 128-px observations, {torch.get_num_threads()} "
-                     f"threads, {args.act}; evaluated in {trained}), median of 15 calls each, layouts "
+                     f"threads, {args.act}; evaluated in {recorded}), median of {calls} calls each, layouts "
                      f"interleaved: NCHW {ms['NCHW']:.1f} ms, NHWC {ms['NHWC']:.1f} ms "
                      f"({ms['NCHW'] / ms['NHWC']:.2f}x); largest action difference {diff:.1e}")
     if args.levers:

@@ -466,8 +466,8 @@ def test_checkpoint_round_trips_through_eval_sim(tmp_path, calvin_path):
     policy, method = eval_sim.load_policy(str(tmp_path / "both.pt"))
     assert method == "gr1" and isinstance(policy, gr1.Policy)
     import bench  # bench.py --act: the same checkpoint's Policy.act timed as an evaluation calls it
-    name, ms, diff, trained = bench.bench_act(str(tmp_path / "both.pt"), n=2, calls=2, warmup=1)
-    assert name == "gr1" and min(ms.values()) > 0 and trained == "NCHW"  # recorded: gr1 trains NCHW
+    name, ms, diff, recorded = bench.bench_act(str(tmp_path / "both.pt"), n=2, calls=2, warmup=1)
+    assert name == "gr1" and min(ms.values()) > 0 and recorded == "NCHW"  # gr1 trains NCHW
     assert diff < 1e-4  # the same weights in either layout act alike
     model.eval()
     rng = np.random.default_rng(0)
