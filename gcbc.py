@@ -277,7 +277,7 @@ def main():
         for s, w in zip(ds.stats, ds.weights):
             print(f"gcbc: {s['name']}: {s['num_episodes']:,} episodes, {s['num_steps']:,} steps, weight {w:.3f}")
 
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)  # the initial weights: the same run twice starts from the same model
     model = train.train(GCBC(cfg), functools.partial(loss, norm=ActionNorm(ds.stats)), ds, tcfg, method="gcbc",
                         config=asdict(cfg))
     episodes = args.eval_episodes if args.eval_episodes is not None else \

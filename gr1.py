@@ -916,6 +916,7 @@ def main():
             save_clip_text(args.clip_ckpt, clip_ckpt)
     if table is not None:
         cfg = replace(cfg, lang_dim=table.shape[1])  # CLIP 512, CALVIN's MiniLM 384, OXE's USE 512
+    torch.manual_seed(tcfg.seed)  # the initial weights: the same run twice starts from the same model
     model = GR1(cfg, ds.instructions, table)
     if args.mae_ckpt:
         load_mae(model, args.mae_ckpt)

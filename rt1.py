@@ -489,6 +489,7 @@ def main():
     else:
         language = f"a learned {cfg.lang_dim}-d embedding per instruction ({len(ds.instructions)} distinct)"
         vocabulary = ds.instructions
+    torch.manual_seed(tcfg.seed)  # the initial weights: the same run twice starts from the same model
     model = RT1(cfg, vocabulary)
     if args.imagenet_weights:
         weights = torch.load(args.imagenet_weights, map_location="cpu", weights_only=True)

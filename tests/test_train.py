@@ -1,6 +1,7 @@
 """train.py: exact resume, DDP equivalence, atomic checkpoints, one run per folder, clear errors (CPU, real
 Bridge sample)."""
 import argparse
+import importlib
 import json
 import os
 import pickle
@@ -385,6 +386,32 @@ def test_method_command_lines_print_bad_input_as_one_line(method, tmp_path, caps
     assert e.value.code == 2
     assert capsys.readouterr().err == (f"{method}.py: {tmp_path / 'missing'}: no such file or directory (expected an "
                                        f"RLDS dataset, a CALVIN folder or a LeRobot dataset)\n")
+
+
+class Built(Exception):
+    """Raised by train.train in place of training: carries the initial weights main built."""
+
+
+@pytest.mark.parametrize("method", ["rt1", "gcbc", "hpt", "gr1", "mcr"])
+def test_seed_fixes_each_methods_initial_weights(method, request, tmp_path, monkeypatch):
+    # ~3-8 s each (the first also imports eval_sim): main() up to train.train, three times: --seed 0 twice builds
+    # one model, --seed 1 another (compare.py's seeds are training runs: a seed names its initial weights too)
+    module = importlib.import_module(method)
+    path = request.getfixturevalue("calvin_path" if method == "gr1" else "bridge_path")  # GR-1 reads a wrist camera
+
+    def built(model, *args, **kwargs):
+        raise Built({k: v.clone() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(train, "train", built)
+
+    def weights(seed):
+        monkeypatch.setattr(sys, "argv", [f"{method}.py", "--data", str(path), "--seed", str(seed),
+                                          "--out_dir", str(tmp_path / "run")])
+        with pytest.raises(Built) as b:
+            module.main()
+        return b.value.args[0]
+    first, again, other = weights(0), weights(0), weights(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
 
 
 # --- --log tensorboard | wandb: the metrics rows, also to an experiment tracker -------------------------------------
