@@ -8,7 +8,8 @@
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
     python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
-    python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (compile, workers): loss, samples/s
+    python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (also: compile,
+                                           # workers): loss, samples/s
     python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20, NCHW vs NHWC: ms per evaluation step
     python bench.py --profile rt1          # where one paper-config training step spends its time, by operator
 
@@ -116,7 +117,8 @@ def mcr_case(B, quick):
     cfg = mcr.Config(size=18, image_size=32) if quick else mcr.Config()
     g = torch.Generator().manual_seed(0)
     b = {"images": torch.randint(0, 256, (B, 5, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g),
-         "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g), "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
+         "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g),
+         "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
     return mcr.MCR(cfg), lambda m, x: mcr.loss(m, x, cfg), b
 
 
@@ -314,7 +316,8 @@ def print_data(rows):
         ratio = lambda a, b: f"{r[a] / r[b]:.2f}x" if r.get(a) and r.get(b) else "-"
         print(f"{name:<16} {r['size']:>4} {r['resize']:<13} {r['history']:>2} {r['views']:>4} "
               f"{fmt(r.get('before'), '8.0f')} {r['jpeg']:>8.0f} {r['cache']:>8.0f} {ratio('jpeg', 'before'):>11} "
-              f"{ratio('cache', 'before'):>12} {ratio('cache', 'jpeg'):>10}" + (f"  future {r['future']}" if r["future"] else ""))
+              f"{ratio('cache', 'before'):>12} {ratio('cache', 'jpeg'):>10}"
+              + (f"  future {r['future']}" if r["future"] else ""))
 
 
 def eval_policies(quick):
@@ -405,7 +408,8 @@ def run_check(kind, methods, steps):
             with tempfile.TemporaryDirectory() as out:
                 cmd = [sys.executable, f"{name}.py", "--steps", str(steps), *flags, "--out_dir", out,
                        "--log_every", "5", "--eval_episodes", "0", "--no-resume", "--seed", "0"]
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                done = subprocess.run(cmd, capture_output=True, text=True,
+                                      cwd=os.path.dirname(os.path.abspath(__file__)))
                 if done.returncode:
                     raise SystemExit(f"bench.py --check {kind}: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
                 log = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
@@ -452,7 +456,8 @@ def cpu_default_cases():
     def mcr_cpu():
         cfg, B, g = mcr.Config(image_size=mcr.CPU_SIZE), mcr.CPU_BATCH, torch.Generator().manual_seed(0)
         b = {"images": torch.randint(0, 256, (B, 5, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g),
-             "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g), "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
+             "chunks": torch.randn(B, 2, cfg.chunk_dim, generator=g),
+             "actions": torch.randn(B, 5, cfg.action_dim, generator=g)}
         return mcr.MCR(cfg), lambda m, x: mcr.loss(m, x, cfg), b
     return {"rt1": rt1_cpu, "gcbc": gcbc_cpu, "hpt": hpt_cpu, "gr1": gr1_cpu, "mcr": mcr_cpu}
 
@@ -586,9 +591,9 @@ def main(argv=None):
     print(f"\n{'method':<10} {'batch':>5} {'params':>12} {'GFLOP/sample':>12} {'samples/s':>10} "
           f"{'compiled':>9} {'GFLOP/s':>9} {'peak GB':>8} {'MFU':>6}")
     for r in rows:
-        print(f"{r['method']:<10} {r['batch']:>5} {r['params']:>12,} {r['flops'] / 1e9:>12.2f} {fmt(r['eager'], '10.1f')} "
-              f"{fmt(r.get('compiled'), '9.1f')} {r['flop_s'] / 1e9:>9.1f} {fmt(r.get('memory_gb'), '8.1f')} {fmt(r['mfu'], '6.1%')}"
-              f"{'  ' + r['note'] if 'note' in r else ''}")
+        print(f"{r['method']:<10} {r['batch']:>5} {r['params']:>12,} {r['flops'] / 1e9:>12.2f} "
+              f"{fmt(r['eager'], '10.1f')} {fmt(r.get('compiled'), '9.1f')} {r['flop_s'] / 1e9:>9.1f} "
+              f"{fmt(r.get('memory_gb'), '8.1f')} {fmt(r['mfu'], '6.1%')}{'  ' + r['note'] if 'note' in r else ''}")
 
     import eval_sim
     path = args.data or os.path.join(eval_sim.data_dir("mt10", 50), eval_sim.VERSION)

@@ -176,7 +176,8 @@ def remember(found, path):
             record[f"{row}_s{seed}"] = [{**p, "results": {k: v for k, v in p["results"].items() if k != "videos"}}
                                         for p in points]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(record.items())) + "\n}\n")
+    lines = (f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(record.items()))  # one line per run
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     return record
 
 

@@ -424,7 +424,8 @@ STANDARD = {
         "observation/front_rgb", lambda ep: _wv_rd(ep, 1 - np.clip(ep["action/gripper_closedness_action"][:, 0], 0, 1)),
         instruction="observation/natural_language_instruction"),
     "viola": Mapping(
-        "observation/agentview_rgb", lambda ep: _wv_rd(ep, 1 - np.clip(ep["action/gripper_closedness_action"][:, 0], 0, 1)),
+        "observation/agentview_rgb",
+        lambda ep: _wv_rd(ep, 1 - np.clip(ep["action/gripper_closedness_action"][:, 0], 0, 1)),
         state=("observation/joint_states", "observation/gripper_states"), wrist="observation/eye_in_hand_rgb",
         instruction="observation/natural_language_instruction"),
     "berkeley_autolab_ur5": Mapping(
@@ -473,7 +474,8 @@ def mapping_for(name, features, keys=None):
         f"dataset '{name}' is not in data.STANDARD (known: {', '.join(sorted(STANDARD))}).\n"
         f"  observation keys: {', '.join(obs)}\n  action keys: {', '.join(act)}\n"
         f"Map it with --image_key KEY --action_key KEY [--secondary_key KEY] [--wrist_key KEY] "
-        f"[--state_key KEY[+KEY]] [--instruction_key KEY] (keys relative to steps/; the action is then used as stored).")
+        f"[--state_key KEY[+KEY]] [--instruction_key KEY] (keys relative to steps/; the action is then used as "
+        f"stored).")
 
 
 def check_keys(features, keys):
@@ -1303,7 +1305,8 @@ class Mixture(torch.utils.data.Dataset):
         self.instructions = sorted({t for s in sources for t in s.instructions})
         self.has_embedding = all(s.embedding is not None for s in sources)
         cameras = tuple(dict.fromkeys(views + (("primary",) if goal_last or future else ())))
-        self.frame_caches = frame_caches(sources, cameras, self.size, interpolation, cache_frames)  # (sid, view) -> path
+        # (sid, view) -> path of its decoded-frame cache
+        self.frame_caches = frame_caches(sources, cameras, self.size, interpolation, cache_frames)
         self._maps = {}  # (process id, sid, view) -> the cache's memmap, opened lazily in each DataLoader worker
 
     def __getstate__(self):  # a memmap pickles as its whole array: workers started by spawn reopen their own

@@ -395,7 +395,8 @@ def bf16_native(device):
     """Whether `device` computes bf16 natively: CUDA with bf16, or a CPU with oneDNN's bf16 (AVX512-BF16 / AMX)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast_dtype(cfg, device, method=None):
