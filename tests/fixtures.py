@@ -1186,7 +1186,8 @@ def _encode_video(path, frames, fps, codec):
     (libsvtav1: preset 12, svtav1-params fast-decode=0). Returns the duration as get_video_duration_in_s reads it."""
     import av
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1's banner off (errors only)
-    options = {"g": "2", "crf": "30", **({"preset": "12", "svtav1-params": "fast-decode=0"} if codec == "libsvtav1" else {})}
+    svt = {"preset": "12", "svtav1-params": "fast-decode=0"} if codec == "libsvtav1" else {}
+    options = {"g": "2", "crf": "30", **svt}
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, fps, options=options)
@@ -1256,7 +1257,8 @@ def _lerobot_table(episodes, fps, size, image_keys, fixed):
                                  pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     cols["timestamp"] = pa.array(np.concatenate([np.arange(e["length"]) / fps for e in episodes]).astype(np.float32))
     cols["frame_index"] = pa.array(np.concatenate([np.arange(e["length"]) for e in episodes]).astype(np.int64))
-    cols["episode_index"] = pa.array(np.concatenate([np.full(e["length"], e["index"]) for e in episodes]).astype(np.int64))
+    cols["episode_index"] = pa.array(np.concatenate([np.full(e["length"], e["index"]) for e in episodes])
+                                     .astype(np.int64))
     cols["index"] = pa.array(np.concatenate([e["frames"] for e in episodes]).astype(np.int64))
     cols["task_index"] = pa.array(np.concatenate([np.full(e["length"], e["task"]) for e in episodes]).astype(np.int64))
     hf = {"info": {"features": {k: ({"_type": "Image"} if k in image_keys else {"dtype": "float32", "_type": "Value"})
@@ -1319,7 +1321,8 @@ def write_lerobot_v30(root, num_episodes=5, length=(8, 15), episodes_per_data_fi
             group, t = episodes[f:f + episodes_per_video_file], 0.0
             paths = [tmp / f"episode_{e['index']:06d}.mp4" for e in group]
             for e, p in zip(group, paths):
-                duration = _encode_video(p, np.stack([lerobot_frame(cam, int(n), size) for n in e["frames"]]), fps, codec)
+                frames = np.stack([lerobot_frame(cam, int(n), size) for n in e["frames"]])
+                duration = _encode_video(p, frames, fps, codec)
                 rows[e["index"]].update({f"videos/{key}/chunk_index": 0,
                                          f"videos/{key}/file_index": f // episodes_per_video_file,
                                          f"videos/{key}/from_timestamp": t, f"videos/{key}/to_timestamp": t + duration})
@@ -1332,9 +1335,10 @@ def write_lerobot_v30(root, num_episodes=5, length=(8, 15), episodes_per_data_fi
             row.update({f"stats/{k}/{s}": x for s, x in v.items()})
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-    pandas = {"index_columns": ["task"], "column_indexes": [], "creator": {"library": "pyarrow", "version": pa.__version__},
-              "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
-                           "metadata": None},
+    pandas = {"index_columns": ["task"], "column_indexes": [],
+              "creator": {"library": "pyarrow", "version": pa.__version__},
+              "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                           "numpy_type": "int64", "metadata": None},
                           {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
                            "metadata": None}]}
     tasks = pa.table({"task_index": pa.array(range(len(LEROBOT_TASKS)), pa.int64()), "task": list(LEROBOT_TASKS)})
@@ -1452,7 +1456,8 @@ def write_lerobot_copy(source, root, fps=10, codec="libsvtav1"):
     S, A = s.state.shape[1], s.action.shape[1]
     table = pa.table({"action": pa.array(s.action.tolist(), pa.list_(pa.float32(), A)),
                       "observation.state": pa.array(s.state.tolist(), pa.list_(pa.float32(), S)),
-                      "timestamp": pa.array((step / fps).astype(np.float32)), "frame_index": pa.array(step.astype(np.int64)),
+                      "timestamp": pa.array((step / fps).astype(np.float32)),
+                      "frame_index": pa.array(step.astype(np.int64)),
                       "episode_index": pa.array(np.repeat(np.arange(len(bounds)), lengths).astype(np.int64)),
                       "index": pa.array(np.arange(len(s), dtype=np.int64)),
                       "task_index": pa.array(np.repeat(s.instruction, lengths).astype(np.int64))})

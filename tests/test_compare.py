@@ -45,7 +45,8 @@ def test_reference_rows_are_scored_once_and_tabulated_with_intervals(tmp_path, c
 
 
 def test_learning_curve_plot(tmp_path):
-    point = lambda minutes, k: {"step": 1, "minutes": minutes, "dtype": "fp32", "results": {"successes": k, "total": 50}}
+    def point(minutes, k):
+        return {"step": 1, "minutes": minutes, "dtype": "fp32", "results": {"successes": k, "total": 50}}
     runs = {0: [point(2.0, 5), point(4.0, 20), point(6.0, 30)], 1: [point(2.1, 0), point(4.2, 25), point(6.3, 50)]}
     compare.plot("gr1", runs, {"scripted expert": 0.97}, tmp_path / "gr1.png")
     from PIL import Image

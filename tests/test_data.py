@@ -104,8 +104,9 @@ def test_droid_maps_to_standard_action_and_state(droid_path):
     expected = np.concatenate([ref[0]["steps/action_dict/cartesian_velocity"],
                                1 - ref[0]["steps/action_dict/gripper_position"]], 1)
     np.testing.assert_allclose(s.action[:steps], expected, rtol=1e-6)
-    np.testing.assert_allclose(s.state[:steps], np.concatenate([ref[0]["steps/observation/cartesian_position"],
-                                                               ref[0]["steps/observation/gripper_position"]], 1), rtol=1e-6)
+    expected = np.concatenate([ref[0]["steps/observation/cartesian_position"],
+                               ref[0]["steps/observation/gripper_position"]], 1)
+    np.testing.assert_allclose(s.state[:steps], expected, rtol=1e-6)
     x = ds[(0, 3, 0)]
     for view in ("primary", "secondary", "wrist"):
         assert x[f"image_{view}"].shape == (1, 3, 32, 32)

@@ -150,7 +150,8 @@ def test_bad_actions_are_rejected_naming_the_method():
 
 
 def test_wilson_interval_matches_the_closed_form_and_stays_in_bounds():
-    # Wilson (1927), 95%, z = 1.96: 13/30 -> 27.4-60.8% (by hand: (p + z²/2n -+ z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n))
+    # Wilson (1927), 95%, z = 1.96: 13/30 -> 27.4-60.8%
+    # (by hand: (p + z²/2n -+ z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n))
     np.testing.assert_allclose(eval_sim.wilson(13, 30), [0.27377, 0.60803], atol=1e-5)
     low, high = eval_sim.wilson(0, 200)
     assert low == 0.0 and 0.018 < high < 0.019  # not empty at 0 successes: the "rule of three" is 1.5%

@@ -301,9 +301,9 @@ def test_timestamps_off_by_more_than_the_tolerance_are_refused(lerobot_v30_path,
     ts = table.column("timestamp").to_numpy().copy()
     ts[5] += 0.05  # half a frame at 10 fps
     pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(ts)), path)
-    one_line_error(lambda: data.prepare(str(root)), r"file-001.mp4: no frame within 0.0001 s of 1.7500 s \(the "
-                                                    r"observation.images.top video of episode 3, frame 5: from_timestamp "
-                                                    r"1.2000 \+ timestamp 0.5500; nearest frame at 1.8000 s\)")
+    one_line_error(lambda: data.prepare(str(root)),
+                   r"file-001.mp4: no frame within 0.0001 s of 1.7500 s \(the observation.images.top video of "
+                   r"episode 3, frame 5: from_timestamp 1.2000 \+ timestamp 0.5500; nearest frame at 1.8000 s\)")
     s = source(lerobot_v30_path)  # and at training time, as LeRobot's decoder refuses it
     mp4, t = s.file("primary", 0), s.pointers["primary"][3, 1]
     one_line_error(lambda: data.video_frames(data.open_video(mp4), mp4, [t + 0.03]),

@@ -119,7 +119,8 @@ def test_hpt_parity(demos):
                         missing_views="zeros", seed=0)
     torch.manual_seed(0)
     model = hpt.HPT(TINY, hpt.embodiments_of(ds, TINY.views)).eval()
-    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim), "action": hpt.Limits(ds.stats, "action", model.action_dim)}
+    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim),
+            "action": hpt.Limits(ds.stats, "action", model.action_dim)}
     ids = batch["dataset_id"]
     with torch.no_grad():  # as loss() calls the model
         images = torch.stack([batch[f"image_{v}"] for v in TINY.views], 2)  # (L, T, V, 3, H, W)
@@ -134,7 +135,7 @@ def test_hpt_parity(demos):
 def gr1_model(ds, cfg):
     import gr1
     torch.manual_seed(0)
-    return gr1.GR1(cfg, ds.instructions, None).eval()  # main: a learned embedding per instruction (no CLIP, none in data)
+    return gr1.GR1(cfg, ds.instructions, None).eval()  # main: a learned embedding per instruction (no CLIP)
 
 
 def gr1_windows(demos, cfg):
@@ -150,7 +151,8 @@ def gr1_predict(model, batch, inputs):
     valid, b = gr1.left_align(batch)
     arm, gripper = inputs.state(b["state"], b["dataset_id"])
     with torch.no_grad():
-        pred_arm, pred_gripper, _, _ = model(b["image_primary"], b["image_wrist"], arm, gripper, b["instruction"], valid)
+        pred_arm, pred_gripper, _, _ = model(b["image_primary"], b["image_wrist"], arm, gripper, b["instruction"],
+                                             valid)
     last = valid.sum(1) - 1  # (L,) the window's step t after left alignment
     rows = torch.arange(len(last))
     return pred_arm[rows, last], pred_gripper[rows, last]  # (L, K, 6), (L, K)
@@ -306,7 +308,8 @@ def test_hpt_overfit_demo_replays(one_demo):
                         missing_views="zeros", seed=0)
     torch.manual_seed(0)
     model = hpt.HPT(cfg, hpt.embodiments_of(ds, cfg.views))
-    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim), "action": hpt.Limits(ds.stats, "action", model.action_dim)}
+    norm = {"state": hpt.Limits(ds.stats, "state", ds.state_dim),
+            "action": hpt.Limits(ds.stats, "action", model.action_dim)}
     overfit(model, lambda m, b: hpt.loss(m, b, norm, cfg, [model.action_dim]), batch, 300)
     assert replay(hpt.Policy(model, ds.stats, hpt.metaworld_source(ds.stats)), seed)
 
