@@ -138,11 +138,11 @@ def gr1_model(ds, cfg):
     return gr1.GR1(cfg, ds.instructions, None).eval()  # main: a learned embedding per instruction (no CLIP)
 
 
-def gr1_windows(demos, cfg):
+def gr1_windows(demos, cfg, interpolation="bicubic_float"):
     # main: history, chunk=cfg.chunk_size, image_size, views=("primary", "wrist"), future=cfg.future, seed,
     # interpolation="bicubic_float" (GR1-Training's resize; Policy._image resizes so)
     return windows(demos, history=cfg.history, chunk=cfg.chunk_size, image_size=cfg.image_size,
-                   views=("primary", "wrist"), future=cfg.future, seed=0, interpolation="bicubic_float")
+                   views=("primary", "wrist"), future=cfg.future, seed=0, interpolation=interpolation)
 
 
 def gr1_predict(model, batch, inputs):
@@ -164,7 +164,16 @@ def test_gr1_parity(demos):
     cfg = replace(TINY, test_chunk_size=1)  # the default: predict at every step, execute the chunk's first action
     ds, batch = gr1_windows(demos, cfg)
     model, inputs = gr1_model(ds, cfg), gr1.Inputs(ds.stats)
+    # The tiny random GR-1 barely reads its frames (a resize or channel-order change moves its arm by less than
+    # ATOL), so parity on it would miss a preprocessing difference: 100 Adam steps on this episode make the
+    # frames matter (measured: bilinear for bicubic moves the arm by ~0.016, RGB -> BGR by ~0.19).
+    overfit(model, lambda m, b: gr1.loss(m, b, inputs, cfg), batch, 100)
     arm, gripper = gr1_predict(model, batch, inputs)
+    bilinear = gr1_windows(demos, cfg, interpolation="bilinear")[1]
+    bgr = {**batch, "image_primary": batch["image_primary"].flip(-3), "image_wrist": batch["image_wrist"].flip(-3)}
+    for name, other, margin in (("bilinear resize", bilinear, 10), ("BGR frames", bgr, 100)):
+        moved = (gr1_predict(model, other, inputs)[0] - arm).abs().max()
+        assert moved > margin * ATOL, f"{name} moves the arm by {moved:.2g} only: parity could not see it"
     ids = batch["dataset_id"]
     expected = torch.cat([inputs.arm_action(arm[:, 0].float(), ids), (gripper[:, :1].float() > 0).float()], -1)
     actions = rollout(gr1.Policy(model, ds.stats), sim_observations(ds.sources[0]), batch["instruction"][0])
