@@ -443,10 +443,11 @@ def cpu_default_cases():
                 batch(gcbc.CPU_BATCH, size=gcbc.CPU_SIZE, goal=True))
 
     def hpt_cpu():
-        cfg = hpt.Config(image_size=128)
+        cfg = hpt.Config(image_size=hpt.CPU_SIZE)
         norm = {k: hpt.Limits(s, k, 7) for k in ("state", "action")}
         model = hpt.HPT(cfg, [{"name": "bench", "state_dim": 7, "action_dim": 7, "views": [0]}])
-        return model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]), batch(hpt.CPU_BATCH, cfg.history, cfg.chunk, 128)
+        return (model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]),
+                batch(hpt.CPU_BATCH, cfg.history, cfg.chunk, cfg.image_size))
 
     def gr1_cpu():
         cfg, inputs = gr1.Config(**gr1.CPU), gr1.Inputs(s)
