@@ -7,7 +7,7 @@
     python bench.py --data PATH            # data.py's frames/s on PATH (default: the MetaWorld data, if collected)
     python bench.py --methods rt1 --no_eval --data_before /tmp/before   # + main's data.py (git worktree add ...)
     python bench.py --methods hpt-base --steps 6 --no_eval   # + HPT live frames vs cached features, feature pass
-    python bench.py --levers               # each method's CPU-default step: fp32 / bf16 x contiguous / NHWC
+    python bench.py --levers               # each method's CPU-default step: before issue 16, fp32 / bf16 x NCHW / NHWC
     python bench.py --check dtype          # each method's real CPU-default run, fp32 vs bf16 (also: compile,
                                            # workers): loss, samples/s
     python bench.py --act runs/gr1/ckpt.pt # a checkpoint's Policy.act at batch 20, NCHW vs NHWC: ms per evaluation step
@@ -131,8 +131,10 @@ CASES = {"rt1": (rt1_case, 32), "gcbc": (gcbc_case, 36), "hpt-base": (hpt_case("
 # Measurements
 
 def step_fn(model, loss_fn, opt, amp, device):
+    import train
+
     def step(b):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with train.precision(device, amp):
             loss = loss_fn(model, b)[0]
         loss.backward()
         opt.step()
@@ -443,7 +445,7 @@ def cpu_default_cases():
                 batch(gcbc.CPU_BATCH, size=gcbc.CPU_SIZE, goal=True))
 
     def hpt_cpu():
-        cfg = hpt.Config(image_size=hpt.CPU_SIZE)
+        cfg = hpt.Config(image_size=hpt.CPU_SIZE, finetune_encoder=True)  # hpt.main without --resnet_weights
         norm = {k: hpt.Limits(s, k, 7) for k in ("state", "action")}
         model = hpt.HPT(cfg, [{"name": "bench", "state_dim": 7, "action_dim": 7, "views": [0]}])
         return (model, lambda m, b: hpt.loss(m, b, norm, cfg, [7]),
@@ -464,31 +466,37 @@ def cpu_default_cases():
 
 
 def levers(methods, rounds):
-    """Samples/s of each method's CPU-default training step (synthetic batch) in fp32, bf16 autocast, and each
-    with channels_last weights, interleaved round by round (best of `rounds` after a warm-up round)."""
+    """Samples/s of each method's CPU-default training step (synthetic batch): `before` is the step before issue 16
+    (fp32, contiguous, AdamW's loop over the parameters), then fp32 and bf16 autocast (train.precision) each with
+    and without channels_last weights, all with fused AdamW; variants interleaved round by round, best of `rounds`
+    after a warm-up round. `auto` is the variant --dtype auto and --channels_last auto pick."""
     import train
     cpu = torch.device("cpu")
-    variants = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp32+NHWC": (None, True),
-                "bf16+NHWC": (torch.bfloat16, True)}
-    print(f"{'method':<6} {'batch':>5} " + " ".join(f"{v:>10}" for v in variants) + "   samples/s, best of "
-          f"{rounds}; CPU default configuration, {torch.get_num_threads()} torch threads")
+    variants = {"before": (None, False, False), "fp32": (None, False, True), "bf16": (torch.bfloat16, False, True),
+                "fp32+NHWC": (None, True, True), "bf16+NHWC": (torch.bfloat16, True, True)}
+    print(f"{'method':<6} {'batch':>5} " + " ".join(f"{v:>10}" for v in variants) + f" {'auto':>10} {'auto/before':>11}"
+          f"   samples/s, best of {rounds}; CPU default configuration, {torch.get_num_threads()} torch threads")
     for name, case in cpu_default_cases().items():
         if name not in methods:
             continue
         torch.manual_seed(0)
         model, loss_fn, b = case()
         model.train()
-        opt = train.make_optimizer(model, train.TrainConfig(), cpu)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opts = {fused: torch.optim.AdamW(params, lr=1e-4, fused=fused) for fused in (False, True)}
         B = len(b["action"] if "action" in b else b["actions"])
         seconds = {v: [] for v in variants}
         for _ in range(1 + rounds):
-            for v, (amp, nhwc) in variants.items():
+            for v, (amp, nhwc, fused) in variants.items():
                 model.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-                step = step_fn(model, loss_fn, opt, amp, cpu)
+                step = step_fn(model, loss_fn, opts[fused], amp, cpu)
                 start = time.perf_counter()
                 step(b)
                 seconds[v].append(time.perf_counter() - start)
-        print(f"{name:<6} {B:>5} " + " ".join(f"{B / min(t[1:]):>10.1f}" for t in seconds.values()), flush=True)
+        speed = {v: B / min(t[1:]) for v, t in seconds.items()}
+        auto = ("bf16" if name in train.CPU_BF16 else "fp32") + ("+NHWC" if name in train.CPU_CHANNELS_LAST else "")
+        print(f"{name:<6} {B:>5} " + " ".join(f"{x:>10.1f}" for x in speed.values()) +
+              f" {auto:>10} {speed[auto] / speed['before']:>10.2f}x", flush=True)
 
 
 def kind_of(op, shapes):
@@ -547,7 +555,8 @@ def main(argv=None):
     p.add_argument("--no_compile", action="store_true", help="eager rows only (compiling the paper models takes "
                    "most of a 2-core CPU run's 26 minutes)")
     p.add_argument("--levers", type=int, nargs="?", const=3, metavar="ROUNDS",
-                   help="each method's CPU-default step in fp32 / bf16, with and without channels_last (best of 3)")
+                   help="each method's CPU-default step before issue 16's levers and in fp32 / bf16, with and "
+                   "without channels_last (best of 3)")
     p.add_argument("--check", choices=CHECKS, help="train each method's CPU default for --steps (60) steps in each "
                    "variant (dtype: fp32/bf16; compile: eager/compiled; workers: 0/1/2 DataLoader workers) and compare")
     p.add_argument("--profile", metavar="METHOD", choices=CASES, help="only where one paper-configuration "

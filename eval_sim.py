@@ -562,14 +562,15 @@ def batch(obs, policy):
 
 
 def act(policy, obs, instructions):
-    """policy.act under bf16 autocast when the policy was trained in bf16 (its `amp_dtype`: a checkpoint's
-    "amp_dtype", set by rebuild_policy; absent = fp32) and its device computes bf16 natively. Every Policy
+    """policy.act in its training's precision (train.precision): bf16 autocast when the policy was trained in bf16
+    (its `amp_dtype`: a checkpoint's "amp_dtype", set by rebuild_policy; absent = fp32) and its device computes
+    bf16 natively, with the training's attention kernel. Every Policy
     returns float32 actions: it casts the model's outputs to float32 before un-normalising them."""
     import torch
     import train
     if getattr(policy, "amp_dtype", "fp32") != "bf16" or not train.bf16_native(policy.device):
         return policy.act(obs, instructions)
-    with torch.autocast(policy.device.type, dtype=torch.bfloat16):
+    with train.precision(policy.device, torch.bfloat16):
         return policy.act(obs, instructions)
 
 

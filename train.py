@@ -2,7 +2,7 @@
 
     train(model, loss_fn, dataset, cfg, method="rt1", config=asdict(model_cfg))
 
-torchrun DDP (NCCL on GPU, gloo on CPU), bf16 autocast where supported, AdamW (fused on GPU) with warmup
+torchrun DDP (NCCL on GPU, gloo on CPU), bf16 autocast where supported, fused AdamW with warmup
 then cosine, gradient clipping and accumulation, optional torch.compile, a tqdm bar with ETA and
 samples/s, metrics.jsonl and loss.png (and TensorBoard or wandb with --log), and atomic checkpoints that
 resume bit for bit.
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.flop_counter
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -334,7 +335,10 @@ def make_optimizer(model, cfg, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # fused: one kernel per step instead of a loop over the parameters, on a GPU and on a CPU alike (on the 2-core
+    # CPU 3-4x faster than the loop, 2-40 ms of a step; its updates differ from the loop's in the last bit of a
+    # few elements: docs/benchmarks.md, "Fused AdamW and bf16 attention on a CPU")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def to_device(batch, device):
@@ -355,8 +359,7 @@ def train_flops(model, loss_fn, batch, amp=None):
     by torch.utils.flop_counter (matmuls and convolutions). Leaves the model's gradients cleared."""
     counter = torch.utils.flop_counter.FlopCounterMode(
         display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
-    device_type = next(model.parameters()).device.type
-    with counter, torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+    with counter, precision(next(model.parameters()).device, amp):
         loss_fn(model, batch)[0].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -382,12 +385,13 @@ def matmul_peak(device, dtype=torch.float32, threads=None):
 
 
 # What "auto" picks on a CPU, per method: the faster of fp32 / bf16 / NHWC in each method's CPU-default step,
-# `python bench.py --levers` on the idle 2-core machine (AVX512-BF16), samples/s fp32 -> chosen: RT-1 (its
-# cut-down CPU default, batch 32) 48.2 -> 62.5 (NHWC; bf16 + NHWC 42.8), GC-BC 62.4 -> 94.9 (bf16; NHWC is
-# slower for its GroupNorm ResNet), HPT 58.8 -> 65.5 (NHWC; bf16 is slower), GR-1 37.4 (neither helps), MCR
-# 8.7 -> 17.4 (bf16 + NHWC); bf16 only where `python bench.py --check dtype` found the same loss as fp32
-# (docs/benchmarks.md, "CPU levers").
-CPU_BF16 = frozenset({"gcbc", "mcr"})
+# `python bench.py --levers` on the idle 2-core machine (AVX512-BF16 and AMX), bf16 only where `python bench.py
+# --check dtype --steps 200` found the same loss as fp32 (docs/benchmarks.md, "Fused AdamW and bf16 attention on
+# a CPU"). Samples/s before issue 16 -> chosen: RT-1 43.8 -> 59.2 (NHWC; bf16 + NHWC 42.1: oneDNN's bf16
+# depthwise-convolution backward is slow), GC-BC 78.0 -> 105.8 (bf16; NHWC is slower for its GroupNorm ResNet),
+# HPT 75.9 -> 106.8 (bf16 + NHWC, with the math attention kernel), GR-1 50.7 -> 52.0 (fp32: bf16 was 1.06x
+# faster in its real run but its 200-step loss 8.10 against fp32's 7.73), MCR 13.3 -> 23.5 (bf16 + NHWC).
+CPU_BF16 = frozenset({"gcbc", "hpt", "mcr"})
 CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "mcr"})
 
 
@@ -406,6 +410,19 @@ def autocast_dtype(cfg, device, method=None):
         gpu = device.type == "cuda"
         return torch.bfloat16 if bf16_native(device) and (gpu or method in CPU_BF16) else None
     return torch.bfloat16 if cfg.dtype == "bf16" else None
+
+
+def precision(device, amp):
+    """The context of a training step's forward and backward: bf16 autocast when `amp`, else fp32. Under bf16 on a
+    CPU, attention runs torch's math kernel (its matmuls and softmax, differentiated by autograd): torch's bf16
+    flash-attention backward on a CPU is ~10x slower than its fp32 one, and the math kernel's matmuls use the
+    CPU's bf16 units (docs/benchmarks.md, "Fused AdamW and bf16 attention on a CPU")."""
+    stack = contextlib.ExitStack()
+    if amp is not None:
+        stack.enter_context(torch.autocast(device.type, dtype=amp))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    return stack
 
 
 def use_channels_last(cfg, device, method=None):
@@ -475,7 +492,7 @@ def _train(model, loss_fn, dataset, cfg, method, config, log, rank, world, devic
                 if step == start and m == 0:
                     flops = count_flops(model, loss_fn, batch, amp, micro, log if rank == 0 else lambda *a: None)
                 sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else net.no_sync()
-                with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with sync, precision(device, amp):
                     loss, metrics = loss_fn(net, batch)
                     (loss / cfg.grad_accum).backward()
                 for k, v in {"loss": loss, **metrics}.items():  # kept on the device: no sync per step

@@ -45,11 +45,14 @@ def test_flop_count_of_a_depthwise_convolution_is_not_counted_as_dense():
     assert flops == 3 * forward  # forward, input gradient, weight gradient (torch's own formula counts 18 forwards)
 
 
-def test_levers_times_a_cpu_default_step_in_each_dtype_and_memory_format(capsys):
-    """~10 s: GC-BC's real CPU-default step (batch 32 at 64 px), 4 variants x 2 rounds."""
+def test_levers_times_a_cpu_default_step_before_and_in_each_dtype_and_memory_format(capsys):
+    """~12 s: GC-BC's real CPU-default step (batch 32 at 64 px), 5 variants x 2 rounds."""
     bench.levers(["gcbc"], rounds=1)
     row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row[:2] == ["gcbc", "32"] and all(float(x) > 0 for x in row[2:6])
+    assert row[:2] == ["gcbc", "32"] and all(float(x) > 0 for x in row[2:7])
+    auto = ("bf16" if "gcbc" in train.CPU_BF16 else "fp32") + ("+NHWC" if "gcbc" in train.CPU_CHANNELS_LAST else "")
+    speed = dict(zip(["before", "fp32", "bf16", "fp32+NHWC", "bf16+NHWC"], map(float, row[2:7])))
+    assert row[7] == auto and row[8] == f"{speed[auto] / speed['before']:.2f}x"
 
 
 def test_profile_splits_a_training_step_by_operator_kind(capsys):

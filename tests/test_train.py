@@ -144,6 +144,43 @@ def test_auto_dtype_is_bf16_on_a_cpu_only_for_the_methods_in_cpu_bf16(monkeypatc
         train.parse_args(train.TrainConfig(), argv=["--dtype", "bf61"])
 
 
+def test_precision_is_fp32_or_bf16_autocast_with_math_attention_on_a_cpu():
+    """bf16 on a CPU: autocast, and attention by the math kernel (its bf16 flash backward there is ~10x slower)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cpu, lin = torch.device("cpu"), torch.nn.Linear(4, 4)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    attend = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with train.precision(cpu, None):
+        assert lin(torch.ones(1, 4)).dtype == torch.float32
+    with train.precision(cpu, torch.bfloat16):
+        assert lin(torch.ones(1, 4)).dtype == torch.bfloat16
+        with_precision = attend()
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+        math = attend()
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = attend()
+    assert torch.equal(with_precision, math) and not torch.equal(math, flash)  # the kernels round differently
+
+
+def test_adamw_is_fused_on_a_cpu_and_steps_as_the_loop_does_to_float_rounding():
+    """Fused AdamW (one kernel for all parameters) against AdamW's loop over them with the same groups."""
+    cfg, cpu = train.TrainConfig(), torch.device("cpu")
+    fused, looped = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    looped.load_state_dict(fused.state_dict())
+    opts = {fused: train.make_optimizer(fused, cfg, cpu)}
+    assert all(group["fused"] for group in opts[fused].param_groups)
+    opts[looped] = torch.optim.AdamW([{"params": [looped.weight], "weight_decay": cfg.weight_decay},
+                                      {"params": [looped.bias], "weight_decay": 0.0}],
+                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    for step in range(5):
+        for model, opt in opts.items():
+            model(torch.full((3, 6), float(step))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(fused.parameters(), looped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @bridge
 def test_channels_last_trains_the_same_model(tmp_path):
     """NHWC changes how the convolution is computed, not what: the same losses to float rounding."""
