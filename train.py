@@ -387,10 +387,10 @@ def matmul_peak(device, dtype=torch.float32, threads=None):
 # What "auto" picks on a CPU, per method: the faster of fp32 / bf16 / NHWC in each method's CPU-default step,
 # `python bench.py --levers` on the idle 2-core machine (AVX512-BF16 and AMX), bf16 only where `python bench.py
 # --check dtype --steps 200` found the same loss as fp32 (docs/benchmarks.md, "Fused AdamW and bf16 attention on
-# a CPU"). Samples/s before issue 16 -> chosen: RT-1 43.8 -> 59.2 (NHWC; bf16 + NHWC 42.1: oneDNN's bf16
-# depthwise-convolution backward is slow), GC-BC 78.0 -> 105.8 (bf16; NHWC is slower for its GroupNorm ResNet),
-# HPT 75.9 -> 106.8 (bf16 + NHWC, with the math attention kernel), GR-1 50.7 -> 52.0 (fp32: bf16 was 1.06x
-# faster in its real run but its 200-step loss 8.10 against fp32's 7.73), MCR 13.3 -> 23.5 (bf16 + NHWC).
+# a CPU"). Samples/s before issue 16 -> chosen (2026-12-05): RT-1 39.5 -> 56.8 (NHWC; bf16 + NHWC 41.6: oneDNN's
+# bf16 depthwise-convolution backward is slow), GC-BC 79.2 -> 108.1 (bf16), HPT 75.5 -> 107.5 (bf16 + NHWC, with
+# the math attention kernel), GR-1 50.2 -> 50.8 (fp32: bf16 was 1.06x faster in its real run but its 200-step
+# loss 8.10 against fp32's 7.73), MCR 12.7 -> 23.1 (bf16 + NHWC).
 CPU_BF16 = frozenset({"gcbc", "hpt", "mcr"})
 CPU_CHANNELS_LAST = frozenset({"rt1", "hpt", "mcr"})
 
@@ -412,17 +412,18 @@ def autocast_dtype(cfg, device, method=None):
     return torch.bfloat16 if cfg.dtype == "bf16" else None
 
 
+@contextlib.contextmanager
 def precision(device, amp):
     """The context of a training step's forward and backward: bf16 autocast when `amp`, else fp32. Under bf16 on a
     CPU, attention runs torch's math kernel (its matmuls and softmax, differentiated by autograd): torch's bf16
     flash-attention backward on a CPU is ~10x slower than its fp32 one, and the math kernel's matmuls use the
     CPU's bf16 units (docs/benchmarks.md, "Fused AdamW and bf16 attention on a CPU")."""
-    stack = contextlib.ExitStack()
-    if amp is not None:
-        stack.enter_context(torch.autocast(device.type, dtype=amp))
-        if device.type == "cpu":
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    return stack
+    if amp is None:
+        yield
+        return
+    math_attention = sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device.type, dtype=amp), math_attention:
+        yield
 
 
 def use_channels_last(cfg, device, method=None):
