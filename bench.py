@@ -465,6 +465,14 @@ def cpu_default_cases():
     return {"rt1": rt1_cpu, "gcbc": gcbc_cpu, "hpt": hpt_cpu, "gr1": gr1_cpu, "mcr": mcr_cpu}
 
 
+def auto_variant(method):
+    """The --levers variant that --dtype auto and --channels_last auto pick for `method` on this CPU."""
+    import train
+    cfg, cpu = train.TrainConfig(), torch.device("cpu")
+    return (("bf16" if train.autocast_dtype(cfg, cpu, method) else "fp32")
+            + ("+NHWC" if train.use_channels_last(cfg, cpu, method) else ""))
+
+
 def levers(methods, rounds):
     """Samples/s of each method's CPU-default training step (synthetic batch): `before` is the step before issue 16
     (fp32, contiguous, AdamW's loop over the parameters), then fp32 and bf16 autocast (train.precision) each with
@@ -482,8 +490,8 @@ def levers(methods, rounds):
         torch.manual_seed(0)
         model, loss_fn, b = case()
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opts = {fused: torch.optim.AdamW(params, lr=1e-4, fused=fused) for fused in (False, True)}
+        opts = {False: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False),
+                True: train.make_optimizer(model, train.TrainConfig(), cpu)}  # fused: AdamW's loop or train.py's
         B = len(b["action"] if "action" in b else b["actions"])
         seconds = {v: [] for v in variants}
         for _ in range(1 + rounds):
@@ -494,7 +502,7 @@ def levers(methods, rounds):
                 step(b)
                 seconds[v].append(time.perf_counter() - start)
         speed = {v: B / min(t[1:]) for v, t in seconds.items()}
-        auto = ("bf16" if name in train.CPU_BF16 else "fp32") + ("+NHWC" if name in train.CPU_CHANNELS_LAST else "")
+        auto = auto_variant(name)
         print(f"{name:<6} {B:>5} " + " ".join(f"{x:>10.1f}" for x in speed.values()) +
               f" {auto:>10} {speed[auto] / speed['before']:>10.2f}x", flush=True)
 

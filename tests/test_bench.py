@@ -2,6 +2,7 @@
 features table and the data and eval_sim rows print (tiny configurations on the CPU; the one real MetaWorld
 episode takes ~10 s)."""
 import pytest
+import torch
 
 import bench
 import train
@@ -50,7 +51,9 @@ def test_levers_times_a_cpu_default_step_before_and_in_each_dtype_and_memory_for
     bench.levers(["gcbc"], rounds=1)
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[:2] == ["gcbc", "32"] and all(float(x) > 0 for x in row[2:7])
-    auto = ("bf16" if "gcbc" in train.CPU_BF16 else "fp32") + ("+NHWC" if "gcbc" in train.CPU_CHANNELS_LAST else "")
+    cfg, cpu = train.TrainConfig(), torch.device("cpu")  # what train.py's auto picks for GC-BC on this CPU
+    auto = ("bf16" if train.autocast_dtype(cfg, cpu, "gcbc") else "fp32") + (
+        "+NHWC" if train.use_channels_last(cfg, cpu, "gcbc") else "")
     speed = dict(zip(["before", "fp32", "bf16", "fp32+NHWC", "bf16+NHWC"], map(float, row[2:7])))
     assert row[7] == auto and row[8] == f"{speed[auto] / speed['before']:.2f}x"
 
